@@ -1,0 +1,1 @@
+"""Where people look at gate behaviour: TensorBoard layouts, the live page, Grafana, reports."""

@@ -1,0 +1,116 @@
+"""The delta residual: X' = X + beta k (v^T - k^T X), the rank-1 update that replaces x + F(x).
+
+Each DeltaResidual owns the child modules the probes hook (the hook contract; keep the names):
+- ``beta_gate``: forward(c) -> beta, shape (B, T, 1), fp32, in (0, beta_max); its child
+  ``beta_gate.logit`` (absent when beta is fixed) outputs the pre-sigmoid logit.
+- ``k_dir``: forward(h) -> unit k, fp32; its forward input is the raw h whose norm is discarded.
+- ``write``: forward(v, p, beta) -> beta * (v - p), the scalars written along k; p = k^T X.
+A forward hook that returns a value replaces the module's output: tests inject faults that way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ddl.config import DDLConfig
+
+
+class BetaGate(nn.Module):
+    """beta = beta_max * sigmoid(g(c)), per token, computed in fp32; or a fixed constant."""
+
+    def __init__(self, cfg: DDLConfig):
+        super().__init__()
+        self.beta_max, self.beta_fixed = cfg.beta_max, cfg.beta_fixed
+        if cfg.beta_fixed is not None:
+            self.logit = None
+            return
+        if cfg.beta_hidden is None:
+            self.logit = nn.Linear(cfg.d_model, 1, bias=True)
+            bias = self.logit.bias
+        else:
+            self.logit = nn.Sequential(
+                nn.Linear(cfg.d_model, cfg.beta_hidden, bias=False),
+                nn.Tanh(),
+                nn.Linear(cfg.beta_hidden, 1, bias=True),
+            )
+            bias = self.logit[2].bias
+        prob = min(max(cfg.beta_init / cfg.beta_max, 1e-6), 1 - 1e-6)
+        with torch.no_grad():
+            bias.fill_(math.log(prob / (1 - prob)))  # beta == beta_init at zero input
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        if self.logit is None:
+            return torch.full((*c.shape[:-1], 1), self.beta_fixed, device=c.device)
+        return self.beta_max * torch.sigmoid(self.logit(c).float())
+
+
+class KDirection(nn.Module):
+    """k = h / sqrt(||h||^2 + eps^2) in fp32: the L2 direction of h, magnitude discarded."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        return h * torch.rsqrt(h.square().sum(-1, keepdim=True) + self.eps**2)
+
+
+class Write(nn.Module):
+    """delta = beta (v - p): how far the readout p = k^T X moves toward v. Parameter-free tap."""
+
+    def forward(self, v: torch.Tensor, p: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        return beta * (v - p)
+
+
+class DeltaResidual(nn.Module):
+    """One delta residual, around attention (site 'attn') or the MLP (site 'mlp') of a layer.
+
+    Erase and write along one direction k, gated by beta::
+
+        X ──► p = kᵀX ──► delta = beta (v - p) ──► X' = X + k deltaᵀ
+              (read)      (erase old, write new)    (rank-1 along k)
+
+    beta = 0 keeps X; beta = 1 overwrites the readout with v; beta = 2 with v = 0 reflects X
+    across the hyperplane orthogonal to k.
+    """
+
+    def __init__(self, cfg: DDLConfig, site: str, layer: int):
+        super().__init__()
+        self.site, self.layer = site, layer
+        self.d_v, self.geometry, self.value_head = cfg.d_v, cfg.geometry, cfg.value_head
+        self.beta_gate = BetaGate(cfg)
+        self.k_dir = KDirection(cfg.k_eps)
+        self.write = Write()
+        if cfg.geometry == "v_map":
+            # k from a light map of the context, v read from the sublayer output
+            r = max(cfg.d_model // 4, 1)
+            self.k_source = nn.Sequential(
+                nn.Linear(cfg.d_model, r, bias=False), nn.SiLU(), nn.Linear(r, cfg.d_model, bias=False)
+            )
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_v, bias=True)
+        self.v_scale = cfg.v_scale
+
+    def forward(self, X: torch.Tensor, h: torch.Tensor, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """X: state (B, T, d) or (B, T, d, d_v); h: sublayer output; c: its normalised input;
+        u: the unnormalised d-vector the sublayer read (X itself when d_v = 1)."""
+        beta = self.beta_gate(c)  # (B, T, 1) fp32
+        if self.geometry == "v_map":
+            k = self.k_dir(self.k_source(c))
+            v = self.v_proj(h).float()
+        else:
+            k = self.k_dir(h)  # (B, T, d) fp32
+            if self.value_head == "code":
+                v = self.v_scale * torch.sigmoid(self.v_proj(u).float())
+            else:
+                v = self.v_proj(c).float()  # (B, T, d_v)
+        if self.d_v == 1:
+            p = (k * X.float()).sum(-1, keepdim=True)  # (B, T, 1)
+            delta = self.write(v, p, beta)
+            return X + (k * delta).to(X.dtype)
+        p = torch.einsum("btd,btdj->btj", k, X.float())  # (B, T, d_v)
+        delta = self.write(v, p, beta)  # (B, T, d_v)
+        return X + (k.unsqueeze(-1) * delta.unsqueeze(-2)).to(X.dtype)  # (B, T, d, d_v)

@@ -1,0 +1,79 @@
+"""The Llama-style backbone shared by DDL and the additive baseline.
+
+Pre-norm RMSNorm (fp32 inside), rotary embeddings (half-split, base 10000), per-head QK RMSNorm
+applied after RoPE (the official order), causal SDPA, SwiGLU MLP; no biases anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddl.config import DDLConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain, computed in fp32 and cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return y.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Half-split ("NeoX") rotary embedding with fp32 cos/sin tables for block_size positions."""
+
+    def __init__(self, head_dim: int, block_size: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # (T, hd/2)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, H, T, hd)
+        T, half = x.shape[-2], x.shape[-1] // 2
+        cos, sin = self.cos[:T], self.sin[:T]
+        x1, x2 = x[..., :half].float(), x[..., half:].float()
+        out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return out.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: DDLConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        inner = cfg.n_head * cfg.head_dim
+        self.c_q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.c_k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.c_v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.c_proj = nn.Linear(inner, cfg.d_model, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.block_size, cfg.rope_base)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        B, T, _ = c.shape
+        q = self.c_q(c).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.c_k(c).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.c_v(c).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        q, k = self.q_norm(self.rotary(q)), self.k_norm(self.rotary(k))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: DDLConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.fc2 = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.c_proj = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.silu(self.fc1(c)) * self.fc2(c))

@@ -1,0 +1,101 @@
+"""The expanded state X in R^{d x d_v} (d_v > 1): expand the embedding, compress the state.
+
+Layout: (B, T, d, d_v), d_v innermost, so a flattened channel index is i * d_v + j.
+- ``ECExpander``: causal grouped conv over tokens, d -> d * d_v channels, identity init (equals
+  repetition at step 0). ``Repeat``: the embedding copied into every value channel.
+- ``CCCompressor``: per token, a centred conv of kernel d_v along the value channels followed by a
+  read vector r; it collapses to x_in[i] = sum_j W_eff[i, j] X[i, j], which is what we compute.
+- ``TCCompressor``: causal depthwise conv along tokens over all d * d_v channels, then r.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddl.config import DDLConfig
+
+
+class Repeat(nn.Module):
+    def __init__(self, d_v: int):
+        super().__init__()
+        self.d_v = d_v
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return e.unsqueeze(-1).expand(*e.shape, self.d_v)  # (B, T, d, d_v)
+
+
+class ECExpander(nn.Module):
+    """X_0[t, i, j] = sum_s u[(i, j), K-1-s] e[t-s, i], zeros before the sequence start."""
+
+    def __init__(self, cfg: DDLConfig):
+        super().__init__()
+        self.d_v, self.K = cfg.d_v, cfg.embed_conv_kernel
+        self.weight = nn.Parameter(torch.empty(cfg.d_model * cfg.d_v, 1, self.K))
+        self.reset_identity()
+
+    def reset_identity(self) -> None:
+        """Only the current-token tap is 1: X_0 equals repetition. Call after the global init."""
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, 0, -1] = 1.0
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        B, T, d = e.shape
+        y = F.conv1d(F.pad(e.transpose(1, 2), (self.K - 1, 0)), self.weight.to(e.dtype), groups=d)
+        return y.transpose(1, 2).reshape(B, T, d, self.d_v)  # (B, T, d, d_v)
+
+
+class CCCompressor(nn.Module):
+    """Channel compressor: weight w (d, K = d_v), read r (d_v), centred padding p = (K-1) // 2.
+
+    y[i, o] = sum_s w[i, s] X[i, o + s - p]; x_in[i] = sum_o r_o y[i, o]
+            = sum_j W_eff[i, j] X[i, j],  W_eff[i, j] = sum_o r_o w[i, j - o + p].
+    """
+
+    def __init__(self, cfg: DDLConfig):
+        super().__init__()
+        K = cfg.d_v
+        self.weight = nn.Parameter(torch.empty(cfg.d_model, K).uniform_(-(K**-0.5), K**-0.5))
+        self.read = nn.Parameter(torch.full((cfg.d_v,), 1.0 / cfg.d_v))
+        pad = (K - 1) // 2
+        # S[s, o, j] = 1 where j = o + s - pad: the taps that land inside [0, d_v)
+        S = torch.zeros(K, cfg.d_v, cfg.d_v)
+        for s in range(K):
+            for o in range(cfg.d_v):
+                if 0 <= o + s - pad < cfg.d_v:
+                    S[s, o, o + s - pad] = 1.0
+        self.register_buffer("taps", S, persistent=False)
+
+    def w_eff(self) -> torch.Tensor:
+        return torch.einsum("is,o,soj->ij", self.weight, self.read, self.taps)  # (d, d_v)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return (X * self.w_eff().to(X.dtype)).sum(-1)  # (B, T, d)
+
+
+class TCCompressor(nn.Module):
+    """Token compressor: Xt[t, i, j] = sum_s w[(i, j), K-1-s] X[t-s, i, j]; x_in = Xt r."""
+
+    def __init__(self, cfg: DDLConfig):
+        super().__init__()
+        self.K = cfg.state_conv_kernel
+        C = cfg.d_model * cfg.d_v
+        self.weight = nn.Parameter(torch.empty(C, 1, self.K).uniform_(-(self.K**-0.5), self.K**-0.5))
+        self.read = nn.Parameter(torch.full((cfg.d_v,), 1.0 / cfg.d_v))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        B, T, d, d_v = X.shape
+        x = F.pad(X.reshape(B, T, d * d_v).transpose(1, 2), (self.K - 1, 0))  # (B, C, K-1+T)
+        y = F.conv1d(x, self.weight.to(X.dtype), groups=d * d_v)  # (B, C, T), causal
+        Xt = y.transpose(1, 2).reshape(B, T, d, d_v)
+        return (Xt * self.read.to(X.dtype)).sum(-1)  # (B, T, d)
+
+
+def make_compressor(cfg: DDLConfig) -> nn.Module:
+    return CCCompressor(cfg) if cfg.compressor == "cc" else TCCompressor(cfg)
+
+
+def make_expander(cfg: DDLConfig) -> nn.Module:
+    return ECExpander(cfg) if cfg.expansion == "ec" else Repeat(cfg.d_v)
