@@ -1,0 +1,135 @@
+"""The ``deltascope`` command: train, serve, demo, report.
+
+Flags are validated (pydantic) before anything heavy is imported; a user mistake ends with one
+line on stderr that says what to do and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+def _fail(msg: str) -> int:
+    print(f"deltascope: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _parse_set(items: list[str]) -> dict:
+    """``--set d_v=4 --set residual=additive`` -> {"d_v": 4, "residual": "additive"}."""
+    out = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[name] = raw
+    return out
+
+
+def _validation_line(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    return f"{where}: {err['msg']}"
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="tiny (CPU, minutes), small (124M), medium (353M)")
+    p.add_argument("--max-steps", type=int, default=600, help="optimizer steps (default 600)")
+    p.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run directory (default runs/tiny)")
+    p.add_argument("--every", type=int, default=10, help="probe statistics every N steps (default 10)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<out parent>/mlflow.db)")
+    p.add_argument("--server", help="deltascope server URL to stream stats and alerts to")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-probes", action="store_true", help="train without probes")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="model config override, e.g. --set d_v=4 --set residual=additive")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup", type=int, help="warmup steps (default 10%% of max steps)")
+    p.add_argument("--eval-every", type=int, default=200, help="validation every N steps")
+    p.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--data", help="directory or glob of uint16 token shards (*.bin) instead of Shakespeare")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary for the default corpus")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+
+
+def train_config_from_args(a: argparse.Namespace):
+    from ddl.config import presets, with_overrides
+    from ddl.train_config import TrainConfig
+
+    overrides = _parse_set(a.overrides)
+    cfg = TrainConfig(
+        preset=a.preset, overrides=overrides, out=a.out, max_steps=a.max_steps, batch_size=a.batch_size,
+        seq_len=a.seq_len, grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup, log_every=a.log_every,
+        eval_every=a.eval_every, ckpt_every=a.ckpt_every, seed=a.seed, vocab_size=a.vocab_size,
+        data=a.data, device=a.device, compile=a.compile, probes=not a.no_probes, every=a.every,
+        mlflow_uri=a.mlflow_uri, server=a.server, resume=a.resume,
+    )
+    with_overrides(presets[cfg.preset], **overrides)  # validates the model overrides now
+    return cfg
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    try:
+        cfg = train_config_from_args(a)
+    except ValidationError as e:
+        return _fail(f"{_validation_line(e)} (see deltascope train --help)")
+    except ValueError as e:
+        return _fail(str(e))
+    from ddl.data import DataError
+    from ddl.train import train
+
+    try:
+        summary = train(cfg)
+    except DataError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("deltascope: interrupted; the last checkpoint is in " + str(cfg.out), file=sys.stderr)
+        return 130
+    print(json.dumps({k: summary[k] for k in ("steps", "loss", "val_loss", "tokens_per_s", "stopped_by")
+                      if k in summary}))
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import server
+
+    from server.settings import Settings
+
+    try:
+        settings = Settings(host=a.host, port=a.port, **({"db_url": a.db} if a.db else {}))
+    except ValidationError as e:
+        return _fail(_validation_line(e))
+    server.serve(settings)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deltascope", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("train", help="train a DDL model with probes attached")
+    add_train_args(p)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("serve", help="run the diagnostics server")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--db", help="SQLAlchemy URL (default sqlite:///./deltascope.db)")
+    p.set_defaults(fn=cmd_serve)
+    a = parser.parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

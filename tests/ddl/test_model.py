@@ -1,0 +1,130 @@
+"""Model wiring: causality of every state path, gradients, compressors against naive loops, init."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ddl import DDLConfig, DDLModel, presets, with_overrides
+from ddl.state import CCCompressor, ECExpander, TCCompressor
+
+SMALL = dict(vocab_size=97, block_size=24, n_layer=2, n_head=2, head_dim=8, d_model=16)
+
+STATE_VARIANTS = [
+    {},
+    {"residual": "additive"},
+    {"geometry": "v_map"},
+    {"d_v": 4, "compressor": "cc", "expansion": "ec"},
+    {"d_v": 4, "compressor": "cc", "expansion": "repeat"},
+    {"d_v": 4, "compressor": "tc", "expansion": "ec"},
+    {"d_v": 4, "compressor": "tc", "expansion": "repeat"},
+    {"d_v": 2, "compressor": "tc", "state_conv_kernel": 3, "embed_conv_kernel": 2},
+]
+ids = [",".join(f"{k}={v}" for k, v in kw.items()) or "ddl" for kw in STATE_VARIANTS]
+
+
+def model(**kw) -> DDLModel:
+    torch.manual_seed(0)
+    m = DDLModel(DDLConfig(**{**SMALL, **kw}))
+    if isinstance(m.expand, ECExpander):  # identity init mixes no tokens: make EC non-trivial
+        with torch.no_grad():
+            m.expand.weight.normal_(0, 0.5)
+    return m
+
+
+@pytest.mark.parametrize("kw", STATE_VARIANTS, ids=ids)
+def test_causal(kw):
+    """Changing a later token never changes earlier logits (TC and EC pad on the left only)."""
+    m = model(**kw).eval()
+    idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(3))
+    t = 11
+    other = idx.clone()
+    other[:, t:] = (other[:, t:] + 5) % 97
+    a, _ = m(idx)
+    b, _ = m(other)
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=0)
+    assert not torch.allclose(a[:, t:], b[:, t:])
+
+
+@pytest.mark.parametrize("kw", STATE_VARIANTS, ids=ids)
+def test_gradients_reach_every_parameter(kw):
+    m = model(**kw)
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    _, loss = m(idx, idx.roll(-1, 1))
+    loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_cc_compressor_equals_centred_conv_then_read():
+    cfg = DDLConfig(**{**SMALL, "d_v": 4})
+    cc = CCCompressor(cfg)
+    with torch.no_grad():
+        cc.weight.normal_()
+        cc.read.normal_()
+    X = torch.randn(2, 3, 16, 4, dtype=torch.float64)
+    w, r, K, pad = cc.weight.double(), cc.read.double(), 4, 1
+    want = torch.zeros(2, 3, 16, dtype=torch.float64)
+    for i in range(16):
+        for o in range(4):
+            y = sum(w[i, s] * X[..., i, o + s - pad] for s in range(K) if 0 <= o + s - pad < 4)
+            want[..., i] += r[o] * y
+    torch.testing.assert_close(cc.double()(X), want)
+
+
+def test_tc_compressor_equals_causal_loop():
+    cfg = DDLConfig(**{**SMALL, "d_v": 3, "compressor": "tc", "state_conv_kernel": 4})
+    tc = TCCompressor(cfg).double()
+    with torch.no_grad():
+        tc.read.normal_()
+    X = torch.randn(2, 6, 16, 3, dtype=torch.float64)
+    w = tc.weight.view(16, 3, 4)
+    want = torch.zeros(2, 6, 16, dtype=torch.float64)
+    for t in range(6):
+        Xt = sum(w[:, :, 3 - s] * X[:, t - s] for s in range(4) if t - s >= 0)  # (B, d, d_v)
+        want[:, t] = (Xt * tc.read).sum(-1)
+    torch.testing.assert_close(tc(X), want)
+
+
+def test_ec_identity_init_equals_repetition():
+    m = DDLModel(DDLConfig(**{**SMALL, "d_v": 4}))
+    e = torch.randn(2, 5, 16)
+    torch.testing.assert_close(m.expand(e), e.unsqueeze(-1).expand(2, 5, 16, 4))
+
+
+def test_official_init():
+    cfg = with_overrides(presets["small"], n_layer=12)
+    m = DDLModel(with_overrides(cfg, n_layer=2, vocab_size=512, d_v=4))
+    std = 0.5 / math.sqrt(768)
+    assert abs(m.blocks[0].attn.c_q.weight.std().item() - std) < 0.05 * std
+    assert abs(m.blocks[0].mlp.c_proj.weight.std().item() - std / math.sqrt(2)) < 0.05 * std
+    assert abs(m.wte.weight.std().item() - 0.02) < 0.001
+    assert m.lm_head.weight is m.wte.weight
+    # compressor convs are overwritten by the global init, as in the official code (read stays 1/d_v)
+    assert abs(m.blocks[0].compress.weight.std().item() - std) < 0.1 * std
+    torch.testing.assert_close(m.readout.read.detach(), torch.full((4,), 0.25))
+    assert m.blocks[1].mlp_delta.beta_gate.logit.bias.item() == 0.0  # beta_init 1 -> logit 0
+
+
+def test_small_preset_parameter_count():
+    """123,590,400 for the official small backbone at vocab 50304, plus 24 x (769 + 769) gate and value heads."""
+    with torch.device("meta"):
+        m = DDLModel(presets["small"])
+        base = DDLModel(with_overrides(presets["small"], residual="additive"))
+    assert base.num_params() == 123_590_400
+    assert m.num_params() == 123_590_400 + 24 * (769 + 769)
+    assert len(m.delta_residuals()) == 24
+    assert [(r.site, r.layer) for r in m.delta_residuals()[:3]] == [("attn", 0), ("mlp", 0), ("attn", 1)]
+
+
+def test_bad_config_is_rejected_with_the_field_named():
+    with pytest.raises(ValueError, match="additive"):
+        DDLConfig(residual="additive", d_v=4)
+    with pytest.raises(ValueError, match="beta_fixed"):
+        DDLConfig(beta_fixed=1.5, beta_max=1.0)
+    with pytest.raises(ValueError, match="extra"):
+        DDLConfig(nonsense=1)
+    with pytest.raises(ValueError, match="block_size"):
+        DDLModel(DDLConfig(**SMALL))(torch.zeros(1, 30, dtype=torch.long))
