@@ -105,7 +105,6 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     import server
-
     from server.settings import Settings
 
     try:
@@ -114,6 +113,82 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return _fail(_validation_line(e))
     server.serve(settings)
     return 0
+
+
+def _free_port(preferred: int) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port on 127.0.0.1")
+
+
+def _wait_healthy(url: str, proc, timeout: float = 60.0) -> bool:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """Server on SQLite, a tiny DDL run on Shakespeare with every sink, alerts as they fire."""
+    import subprocess
+
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port(a.port)
+    url = f"http://127.0.0.1:{port}"
+    db = f"sqlite:///{out / 'deltascope.db'}"
+    server_log = open(out / "server.log", "ab")  # noqa: SIM115 (outlives this block; closed in finally)
+    proc = subprocess.Popen([sys.executable, "-m", "ddl.cli", "serve", "--port", str(port), "--db", db],
+                            stdout=server_log, stderr=subprocess.STDOUT)
+    try:
+        if not _wait_healthy(url, proc):
+            return _fail(f"the server did not start; see {out / 'server.log'}")
+        run_dir = out / "tiny"
+        print(f"""
+deltascope demo
+  live page    {url}/
+  API          {url}/docs
+  TensorBoard  .venv/bin/tensorboard --logdir {run_dir / 'tb'} --host 127.0.0.1
+  MLflow       .venv/bin/mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}
+  stats        {run_dir / 'stats.jsonl'}
+""", file=sys.stderr, flush=True)
+        args = ["--preset", "tiny", "--max-steps", str(a.max_steps), "--out", str(run_dir),
+                "--every", str(a.every), "--server", url, "--eval-every", "100",
+                "--mlflow-uri", f"sqlite:///{out / 'mlflow.db'}"]
+        if a.resume:
+            args.append("--resume")
+        rc = main(["train", *args])
+        if rc == 0 and a.keep_serving:
+            print(f"training done; the server keeps running at {url}/ (Ctrl-C to stop)", file=sys.stderr)
+            proc.wait()
+        return rc
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        server_log.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--db", help="SQLAlchemy URL (default sqlite:///./deltascope.db)")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("demo", help="the main job on embedded defaults: server, training, all sinks")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="demo directory (default runs/demo)")
+    p.add_argument("--max-steps", type=int, default=600, help="training steps (default 600)")
+    p.add_argument("--every", type=int, default=5, help="probe statistics every N steps (default 5)")
+    p.add_argument("--port", type=int, default=8765, help="server port (a free one if taken)")
+    p.add_argument("--resume", action="store_true", help="continue the previous demo run")
+    p.add_argument("--keep-serving", action="store_true", help="keep the server up after training")
+    p.set_defaults(fn=cmd_demo)
     a = parser.parse_args(argv)
     return a.fn(a)
 

@@ -82,14 +82,16 @@ def load_corpus(cfg: TrainConfig) -> Corpus:
 
 def build_sinks(cfg: TrainConfig, run_name: str, params: dict) -> list:
     """TensorBoard, MLflow and stats.jsonl under the run directory, plus the server if given."""
-    from probes.sinks import JsonlSink, MLflowSink, TensorBoardSink
+    from probes.sinks import JsonlSink, TensorBoardSink
 
-    uri = cfg.mlflow_uri or f"sqlite:///{cfg.out.resolve().parent / 'mlflow.db'}"
-    sinks = [
-        TensorBoardSink(cfg.out / "tb"),
-        MLflowSink(uri, run_name=run_name, params=params, tags={"deltascope.preset": cfg.preset}),
-        JsonlSink(cfg.out / "stats.jsonl"),
-    ]
+    sinks = [TensorBoardSink(cfg.out / "tb"), JsonlSink(cfg.out / "stats.jsonl")]
+    try:
+        from probes.sinks import MLflowSink
+    except ImportError:  # a GPU image without mlflow: train on, say so once
+        log.warning("mlflow is not installed: the MLflow sink is off for this run")
+    else:
+        uri = cfg.mlflow_uri or f"sqlite:///{cfg.out.resolve().parent / 'mlflow.db'}"
+        sinks.append(MLflowSink(uri, run_name=run_name, params=params, tags={"deltascope.preset": cfg.preset}))
     if cfg.server:
         from probes.http_sink import HttpSink
 

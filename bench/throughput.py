@@ -1,0 +1,106 @@
+"""Training throughput and peak memory of DDL variants against the additive baseline.
+
+One full training step (forward, backward, fused AdamW) at bf16 autocast, timed with CUDA events
+over many steps after warm-up; median step time -> tokens/s. Variants run one after another in
+one process; the table printed last is what docs/PERFORMANCE.md records.
+
+    python bench/throughput.py --preset small --batch 16 --seq 1024 --steps 30 [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from ddl import DDLModel, presets, with_overrides
+
+VARIANTS = {
+    "additive": {"residual": "additive"},
+    "ddl_dv1": {},
+    "ddl_dv4_cc_ec": {"d_v": 4, "compressor": "cc", "expansion": "ec"},
+}
+
+
+def step_fn(model, opt, amp_dtype):
+    def step(x, y):
+        with torch.autocast("cuda", dtype=amp_dtype):
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def measure(name: str, overrides: dict, args) -> dict:
+    torch.manual_seed(0)
+    cfg = with_overrides(presets[args.preset], **overrides, block_size=args.seq)
+    model = DDLModel(cfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    net = torch.compile(model) if args.compile else model
+    step = step_fn(net, opt, torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda", generator=g)
+               for _ in range(4)]
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        b = batches[i % 4]
+        step(b[:, :-1], b[:, 1:])
+    torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.steps):
+        b = batches[i % 4]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(b[:, :-1], b[:, 1:])
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    med = statistics.median(times)
+    res = {"variant": name, "compile": args.compile, "params": model.num_params(),
+           "step_ms": med * 1e3, "tokens_per_s": args.batch * args.seq / med,
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s,
+           "spread_ms": (max(times) - min(times)) * 1e3}
+    del model, opt, net, step
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--json", help="append results as JSON lines to this file")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/throughput.py needs a CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows = [measure(n, VARIANTS[n], args) for n in args.variants.split(",")]
+    base = next((r["tokens_per_s"] for r in rows if r["variant"] == "additive"), None)
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "device": torch.cuda.get_device_name(), "torch": torch.__version__}) + "\n")
+    print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} preset={args.preset} "
+          f"B={args.batch} T={args.seq} bf16 compile={args.compile}")
+    print(f"{'variant':<16}{'step ms':>9}{'tok/s':>12}{'vs add':>8}{'peak GiB':>10}")
+    for r in rows:
+        ratio = f"{r['tokens_per_s'] / base:.3f}" if base else "-"
+        print(f"{r['variant']:<16}{r['step_ms']:>9.1f}{r['tokens_per_s']:>12,.0f}{ratio:>8}{r['peak_mem_gib']:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
