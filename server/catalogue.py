@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 SITES: tuple[str, ...] = ("attn", "mlp")
@@ -93,6 +94,7 @@ def key(stat: str, site: str, layer: int) -> str:
     return f"{stat}/{site}/L{layer:02d}"
 
 
+@lru_cache(maxsize=65536)  # a run has a few thousand distinct keys; ingest parses each every step
 def parse_key(k: str) -> tuple[str, str, int] | None:
     """Inverse of :func:`key`; None for a key that is not per-site (e.g. ``loss``)."""
     m = _KEY.match(k)
