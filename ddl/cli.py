@@ -210,7 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the previous demo run")
     p.add_argument("--keep-serving", action="store_true", help="keep the server up after training")
     p.set_defaults(fn=cmd_demo)
-    a = parser.parse_args(argv)
+    sub.add_parser("report", help="render a run's figures (PNG + HTML); see deltascope report --help",
+                   add_help=False)
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "report":  # its own parser lives with the report code
+        from dashboards.report import main as report_main
+
+        return report_main(args[1:])
+    a = parser.parse_args(args)
     return a.fn(a)
 
 

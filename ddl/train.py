@@ -182,7 +182,8 @@ def train(cfg: TrainConfig) -> dict:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
 
     tokens_per_step = B * T * cfg.grad_accum * d.world
-    bar = tqdm(total=cfg.max_steps, initial=start, disable=not d.main, unit="step", dynamic_ncols=True,
+    show_bar = d.main and sys.stderr.isatty()  # logs and CI get the per-step lines only
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not show_bar, unit="step", dynamic_ncols=True,
                file=sys.stderr, leave=False)
     summary: dict = {"stopped_by": None, "val_loss": None}
     t_last, step_last = time.perf_counter(), start
@@ -251,4 +252,19 @@ def train(cfg: TrainConfig) -> dict:
                    out=str(cfg.out))
     if d.main:
         (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _final_report(cfg, run_name)
     return summary
+
+
+def _final_report(cfg: TrainConfig, run_name: str) -> None:
+    """Render the run's figures into <out>/report and attach them to the MLflow run. A report is
+    a courtesy: any failure is one warning, never a failed training run."""
+    try:
+        from dashboards.report import build_report, log_report_to_mlflow
+
+        page = build_report(cfg.out)
+        print(f"report: {page}", file=sys.stderr)
+        uri = cfg.mlflow_uri or f"sqlite:///{cfg.out.resolve().parent / 'mlflow.db'}"
+        log_report_to_mlflow(uri, run_name, page.parent)
+    except Exception as e:  # noqa: BLE001 (the model is trained and saved; say why the report is missing)
+        log.warning("no end-of-training report: %s", e)

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.thresholds import Thresholds
 
-DASHBOARD_PAGE = Path(__file__).parent / "index.html"
+DASHBOARD_PAGE = Path(__file__).resolve().parents[1] / "dashboards" / "live.html"
 
 
 class Settings(BaseSettings):
@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     sse_ping_s: float = Field(15.0, gt=0)
     """Keep-alive comment interval of the live stream (seconds)."""
     dashboard_path: Path = DASHBOARD_PAGE
-    """HTML file served at ``/`` (the live page from ``dashboards/`` replaces the placeholder)."""
+    """HTML file served at ``/``: the live page, ``dashboards/live.html``."""
     log_level: str = "info"
     """uvicorn log level."""
     thresholds: Thresholds = Field(default_factory=Thresholds)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call that reproduces every GPU figure in docs/PERFORMANCE.md for issues 2 and 3.
+# Run from the repository root on a CUDA machine; writes JSON lines and logs under ${OUT:-/tmp/out}.
+#   bash bench/gpu_suite.sh [throughput|overhead|train|tests|all]
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 DELTASCOPE_CACHE=${DELTASCOPE_CACHE:-/tmp/dscache}
+what=${1:-all}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c 'import torch; print("torch", torch.__version__)' | tee -a "$OUT/device.txt"
+
+if [[ $what == throughput || $what == all ]]; then
+  python3 bench/throughput.py --preset small --batch 16 --seq 1024 --steps 30 --json "$OUT/throughput.jsonl"
+  python3 bench/throughput.py --preset small --batch 16 --seq 1024 --steps 30 --compile --json "$OUT/throughput.jsonl"
+fi
+if [[ $what == overhead || $what == all ]]; then
+  python3 bench/probe_overhead.py --preset small --batch 16 --seq 1024 --json "$OUT/overhead.jsonl"
+  python3 bench/probe_overhead.py --preset small --batch 16 --seq 1024 --compile --json "$OUT/overhead.jsonl"
+fi
+if [[ $what == train || $what == all ]]; then
+  for c in "" "--compile"; do
+    python3 -m ddl.cli train --preset small --max-steps 60 --every 1 --log-every 20 --eval-every 1000 \
+      --out "/tmp/runs/small$c" $c 2>&1 | grep -v "it/s\]" | tail -n 8 | tee -a "$OUT/train.log"
+  done
+fi
+if [[ $what == tests || $what == all ]]; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/probes tests/ddl/test_data.py 2>&1 | tail -n 15 | tee "$OUT/gpu-tests.log"
+fi

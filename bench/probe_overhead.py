@@ -1,0 +1,138 @@
+"""Probe overhead: the same model with and without probes (stats every step), interleaved.
+
+Eager: one model; blocks of steps alternate between probe attached and detached (the probe is a
+context manager that removes its hooks). Compiled: hooks must exist before torch.compile, so two
+identical models are compiled, one with the probe attached, and their blocks alternate. Each
+block's median step time (CUDA events, or perf_counter on CPU) is one sample; the ratio of the
+medians over all blocks is the overhead.
+
+    python bench/probe_overhead.py --preset small --batch 16 --seq 1024 [--compile] [--device cuda]
+    python bench/probe_overhead.py --preset tiny --batch 16 --seq 128 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from ddl import DDLModel, presets, with_overrides
+from probes import Probe
+from probes.sinks import MemorySink
+
+
+class Timer:
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def __enter__(self):
+        if self.cuda:
+            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.a.record()
+        else:
+            self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.b.record()
+            self.b.synchronize()
+            self.s = self.a.elapsed_time(self.b) / 1e3
+        else:
+            self.s = time.perf_counter() - self.t
+
+
+def make(args, device):
+    torch.manual_seed(0)
+    cfg = with_overrides(presets[args.preset], block_size=args.seq, **json.loads(args.set))
+    model = DDLModel(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    return model, opt
+
+
+def run_block(net, opt, probe, batches, start, n, cuda, amp):
+    times = []
+    for i in range(start, start + n):
+        b = batches[i % len(batches)]
+        with Timer(cuda) as t:
+            with amp:
+                _, loss = net(b[:, :-1], b[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if probe is not None:
+                probe.step(i, scalars={"loss": loss.detach()})
+        times.append(t.s)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="small")
+    p.add_argument("--set", default="{}", help="JSON model overrides, e.g. '{\"d_v\": 4}'")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--blocks", type=int, default=8, help="alternating blocks per condition")
+    p.add_argument("--steps", type=int, default=15, help="steps per block")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--every", type=int, default=1)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="append the result as one JSON line to this file")
+    args = p.parse_args()
+    cuda = args.device == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    g = torch.Generator(device=args.device).manual_seed(0)
+    model, opt = make(args, args.device)
+    batches = [torch.randint(0, model.cfg.vocab_size, (args.batch, args.seq + 1), device=args.device, generator=g)
+               for _ in range(4)]
+    sink = MemorySink()
+    if args.compile:
+        model2, opt2 = make(args, args.device)
+        probe = Probe(model2, every=args.every, sinks=[sink])
+        probe.__enter__()
+        nets = {"off": (torch.compile(model), opt, None), "on": (torch.compile(model2), opt2, probe)}
+    else:
+        nets = {"off": (model, opt, None), "on": (model, opt, None)}
+    samples: dict[str, list[float]] = {"off": [], "on": []}
+    step = 0
+    for cond in ("off", "on"):  # warm-up (and compile) both
+        net, o, pr = nets[cond]
+        if not args.compile and cond == "on":
+            with Probe(model, every=args.every, sinks=[sink]) as pr:
+                run_block(net, o, pr, batches, step, args.warmup, cuda, amp)
+        else:
+            run_block(net, o, pr, batches, step, args.warmup, cuda, amp)
+        step += args.warmup
+    for blk in range(args.blocks):
+        for cond in (("off", "on") if blk % 2 == 0 else ("on", "off")):
+            net, o, pr = nets[cond]
+            if not args.compile and cond == "on":
+                with Probe(model, every=args.every, sinks=[sink], start_step=step) as pr:
+                    samples[cond].append(run_block(net, o, pr, batches, step, args.steps, cuda, amp))
+            else:
+                samples[cond].append(run_block(net, o, pr, batches, step, args.steps, cuda, amp))
+            step += args.steps
+    if args.compile:
+        probe.__exit__(None, None, None)
+    off, on = statistics.median(samples["off"]), statistics.median(samples["on"])
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    res = {"preset": args.preset, "set": args.set, "compile": args.compile, "every": args.every,
+           "batch": args.batch, "seq": args.seq, "device": device, "torch": torch.__version__,
+           "off_ms": off * 1e3, "on_ms": on * 1e3, "overhead": on / off - 1, "records": len(sink.records),
+           "off_blocks_ms": [round(x * 1e3, 2) for x in samples["off"]],
+           "on_blocks_ms": [round(x * 1e3, 2) for x in samples["on"]]}
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    print(f"{device} torch {torch.__version__} {args.preset} {args.set} B={args.batch} T={args.seq} "
+          f"compile={args.compile} every={args.every}: off {off * 1e3:.2f} ms, on {on * 1e3:.2f} ms, "
+          f"overhead {100 * (on / off - 1):+.2f}% ({len(sink.records)} records)")
+
+
+if __name__ == "__main__":
+    main()
