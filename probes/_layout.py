@@ -1,0 +1,89 @@
+"""Where every accumulator of a log step sits in the probe's one flat device buffer.
+
+One float64 buffer (float32 where the device has no float64, e.g. MPS) holds, in order:
+
+    [ site 0 sums | site 1 sums | ... | device scalars (capacity C) | site 0 maxima | ... ]
+      <-------------- all-reduced with SUM ---------------------->   <-- reduced with MAX -->
+
+so a DDP log step costs exactly two collectives, each on a contiguous slice. Within a site's sum
+block every hook owns one contiguous run (``BLOCKS``), filled by a single in-place add per call;
+the k block ends with the sum of k (d values), so only its tail depends on d. Maxima keep ``-min``
+for minima so one MAX reduces both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.catalogue import BETA_BINS, H_NORM_BINS
+
+BETA_SLOTS = ("n_beta", "beta_sum", "beta_sumsq", "occ_identity", "occ_projection",
+              "occ_reflection", "occ_negative", "nonfinite_beta")
+"""The beta_gate hook's scalars (token counts; sums in beta units), then the beta histogram."""
+LOGIT_SLOTS = ("n_logit", "logit_sat")
+"""The beta_gate.logit hook."""
+LAYER_SLOTS = ("n_layer_pair", "k_cos_layer_sum")
+"""The k_dir hook of every site but the first in forward order."""
+WRITE_SLOTS = ("write_num", "write_den", "n_update", "update_sum", "nonfinite_delta")
+"""The write hook."""
+PROBE_SLOTS = ("n_probe", "k_cos_probe_sum")
+"""The k_dir hook during the fixed probe batch run."""
+STEP_SLOTS = ("k_cos_step", "k_cos_step_valid")
+"""Written at ``Probe.step`` after the all-reduce, never reduced."""
+K_SLOTS = ("n_h", "h_norm_sum", "k_abs_sum", "n_token_pair", "k_cos_token_sum", "nonfinite_h")
+"""The k_dir hook's scalars, then the log10 ||h|| histogram, then the sum of k (d values)."""
+
+_ORDER = (
+    *BETA_SLOTS, *(f"beta_hist{i}" for i in range(BETA_BINS)), *LOGIT_SLOTS, *LAYER_SLOTS,
+    *WRITE_SLOTS, *PROBE_SLOTS, *STEP_SLOTS, *K_SLOTS, *(f"h_hist{i}" for i in range(H_NORM_BINS)),
+)
+SLOT: dict[str, int] = {name: i for i, name in enumerate(_ORDER)}
+"""Offset of every named slot inside a site's sum block."""
+BETA_HIST = SLOT["beta_hist0"]
+H_HIST = SLOT["h_hist0"]
+K_SUM = len(_ORDER)
+BETA_BLOCK = len(BETA_SLOTS) + BETA_BINS
+"""Length of the beta hook's run (scalars then histogram), from ``SLOT["n_beta"]``."""
+MAX_SLOTS = ("h_norm_max", "h_norm_negmin", "k_unit_err")
+"""Per site, reduced with MAX: largest ||h||, minus the smallest ||h||, max | ||k|| - 1 |."""
+
+
+def k_block(d: int) -> int:
+    """Length of the k hook's run from ``SLOT["n_h"]``: scalars, ||h|| histogram, sum of k."""
+    return len(K_SLOTS) + H_NORM_BINS + d
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Offsets into the flat buffer for ``n_sites`` sites of width ``d`` and ``n_scalars`` slots."""
+
+    n_sites: int
+    d: int
+    n_scalars: int = 8
+
+    @property
+    def width(self) -> int:
+        """Sum slots of one site."""
+        return K_SUM + self.d
+
+    @property
+    def scalars(self) -> int:
+        """Offset of the device-scalar slots."""
+        return self.n_sites * self.width
+
+    @property
+    def sum_end(self) -> int:
+        """End of the SUM-reduced slice (sites' sums and the device scalars)."""
+        return self.scalars + self.n_scalars
+
+    @property
+    def size(self) -> int:
+        return self.sum_end + self.n_sites * len(MAX_SLOTS)
+
+    def site(self, i: int) -> int:
+        """Offset of site ``i``'s sum block."""
+        return i * self.width
+
+    def max_(self, i: int) -> int:
+        """Offset of site ``i``'s maxima."""
+        return self.sum_end + i * len(MAX_SLOTS)

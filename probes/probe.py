@@ -1,0 +1,411 @@
+"""Probe: attach gate and direction statistics to a DDL model in one line.
+
+    with Probe(model, every=10, sinks=[TensorBoardSink(dir)], on_alert=[log_alert]) as probe:
+        for step in range(n):
+            ...; opt.step()
+            probe.step(step, scalars={"loss": loss.detach(), "lr": lr})
+            if probe.stop_requested:
+                break
+
+Life of a log step s (the hooks are active during step s iff s is a log step):
+1. forward hooks (``_hooks``) add every micro-batch's partial sums into one device buffer;
+2. ``step(s)`` waits for the host thread to finish the previous log step and applies its alerts
+   (callbacks, stop/checkpoint flags): the same decisions on every rank at the same step;
+3. it runs the fixed probe batch if due, all-reduces the buffer under DDP (two collectives: SUM
+   over sums and device scalars, MAX over maxima and negated minima), computes the step-to-step
+   cosine of mean directions on the device, copies the buffer into pinned host memory with one
+   non-blocking copy, records a CUDA event and hands the lot to the host thread (bounded queue);
+4. the host thread waits for the event (polling, so the training thread never waits on the
+   device), finishes the statistics (``_finish``), runs the Detector and writes to the sinks.
+Between log steps nothing happens but a Python bool flip.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from probes._discover import find_sites, unwrap
+from probes._finish import Finisher
+from probes._hooks import ACCUM, OFF, PROBE, SiteHooks, _Shared
+from probes._layout import K_SUM, SLOT, Layout
+from probes._stats import TINY
+from probes.sink import Histogram, Sink
+from probes.sinks.fanout import FanoutSink
+from server.rules import Alert, Detector, Transition
+from server.thresholds import Thresholds
+
+log = logging.getLogger("deltascope.probes")
+
+ACTIONS = ("log", "checkpoint", "stop")
+"""What an ``on_alert`` callback may return (or None)."""
+AlertCallback = Callable[[Transition], str | None]
+
+
+@dataclass
+class ProbeStats:
+    """What the probe did: log steps handed to the host thread, dropped, failed on the host."""
+
+    log_steps: int = 0
+    dropped: int = 0
+    errors: int = 0
+    probe_runs: int = 0
+
+
+@dataclass
+class _Job:
+    step: int
+    event: Any  # torch.cuda.Event or None
+    host: torch.Tensor | None
+    pooled: bool
+    layout: Layout | None
+    scalar_names: list[str]
+    host_scalars: dict[str, float]
+    world: int
+
+
+class Probe:
+    """Forward-hook statistics of every delta residual, computed on the device every ``every``
+    steps, finished on a host thread, judged by :class:`server.rules.Detector`, written to sinks.
+
+    ``model``: a DDL model, DDP-wrapped or not, not yet compiled (compile after attaching).
+    ``every``: log period in steps: step s is a log step iff s % every == 0.
+    ``sinks``: destinations (:class:`probes.sink.Sink`); wrapped in a FanoutSink.
+    ``thresholds``: regime edges and rule thresholds (default: from the environment).
+    ``beta_max``: default ``model.cfg.beta_max``. ``run``: the run name on alerts.
+    ``on_alert``: callables receiving each Transition, returning "log", "checkpoint", "stop" or None.
+    ``probe_batch`` / ``probe_every``: a fixed (B, T) index tensor re-run without grad at the first
+        log step at least ``probe_every`` steps after its previous run, for ``k_cos_probe``.
+    ``modules``: ``{"attn/0": "blocks.0.attn_delta", ...}`` instead of discovery (forward order).
+    ``queue_size``: log steps that may wait for the host thread before one is dropped.
+    ``start_step``: the first step the loop will report; log steps are the multiples of ``every``
+        (so a resumed run logs the steps it would have logged), the first step too when 0.
+    ``fuse``: run the hooks' statistics as torch.compile'd fused kernels when the model runs
+        eagerly (None: on CUDA only; a model compiled by the user inlines them either way).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        every: int = 1,
+        sinks: Iterable[Sink] = (),
+        thresholds: Thresholds | None = None,
+        beta_max: float | None = None,
+        run: str = "",
+        on_alert: AlertCallback | Iterable[AlertCallback] = (),
+        probe_batch: torch.Tensor | None = None,
+        probe_every: int = 0,
+        modules: Mapping[str, str] | None = None,
+        queue_size: int = 4,
+        start_step: int = 0,
+        fuse: bool | None = None,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if probe_batch is not None and probe_every < 1:
+            raise ValueError("probe_batch needs probe_every >= 1")
+        self.model, self.every, self.run = model, every, run
+        self._root = unwrap(model)
+        self._group = model.process_group if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        found = find_sites(self._root, modules)
+        if not found:
+            log.warning("Probe found no delta residuals (additive model?): only scalars are logged")
+        self.sites: list[tuple[str, int]] = [(s.site, s.layer) for s in found]
+        cfg = getattr(self._root, "cfg", None)
+        if beta_max is None:
+            beta_max = float(cfg.beta_max) if cfg is not None else 2.0
+        self.beta_max = float(beta_max)
+        self._d_hint = int(cfg.d_model) if cfg is not None else 1
+        self.thresholds = thresholds if thresholds is not None else Thresholds()
+        self._on_alert: list[AlertCallback] = [on_alert] if callable(on_alert) else list(on_alert)
+        self.probe_batch, self.probe_every = probe_batch, probe_every
+        self._last_probe: int | None = None
+
+        self._sh = _Shared(len(found), fuse)
+        self._sh.mode = ACCUM if start_step % every == 0 else OFF
+        self._handles: list[Any] = []
+        for i, s in enumerate(found):
+            hk = SiteHooks(self._sh, i, self.beta_max, self.thresholds)
+            m = s.module
+            self._handles += [
+                m.register_forward_hook(hk.residual, with_kwargs=True),
+                m.beta_gate.register_forward_hook(hk.beta),
+                m.k_dir.register_forward_hook(hk.k),
+                m.write.register_forward_hook(hk.write),
+            ]
+            logit = getattr(m.beta_gate, "logit", None)  # absent when beta is fixed
+            if isinstance(logit, nn.Module):
+                self._handles.append(logit.register_forward_hook(hk.logit))
+        self._prev_dir: torch.Tensor | None = None  # (n_sites, d) last log step's mean directions
+        self._prev_valid: torch.Tensor | None = None  # (n_sites,) 1 where _prev_dir is set
+
+        self.sink = FanoutSink(list(sinks))
+        self._detector = Detector(self.thresholds, self.beta_max, run)
+        self._finisher = Finisher(self.sites, self.beta_max)
+        self.stats = ProbeStats()
+        self.stop_requested = False
+        self.checkpoint_requested = False
+        self.transitions: list[Transition] = []
+        """Every alert transition applied so far, in order."""
+        self._alerts: list[Alert] = []
+        self._verdict = "healthy"
+        self._lock = threading.Lock()
+        self._done: list[Transition] = []  # host thread -> training thread, applied at a log step
+        self._latest: tuple[list[Alert], str] = ([], "healthy")
+        self._faults: set[str] = set()
+        self._pool: list[torch.Tensor] = []  # free pinned host buffers
+        self._pinned = 0
+        self._queue_size = queue_size
+        self._q: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._loop, name="deltascope-probe", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    # -- the training thread --------------------------------------------------------------------
+    def step(self, step: int, scalars: Mapping[str, float | torch.Tensor] | None = None) -> None:
+        """End of optimizer step ``step``. On a log step: apply the previous log step's alerts and
+        ship this one's statistics; otherwise only arm or disarm the hooks for ``step + 1``."""
+        if self._closed:
+            return
+        if self._sh.mode == ACCUM:
+            self._join()
+            self._submit(step, scalars or {})
+        self._sh.mode = ACCUM if (step + 1) % self.every == 0 else OFF
+
+    def flush(self) -> None:
+        """Drain the host thread, apply every pending alert, flush the sinks."""
+        self._join()
+        self.sink.flush()
+
+    def close(self) -> None:
+        """Flush, remove every hook, stop the host thread, close the sinks. Idempotent."""
+        if self._closed:
+            return
+        self.flush()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._closed = True
+        self._q.put(None)
+        self._thread.join(timeout=30)
+        self.sink.close()
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def checkpoint_done(self) -> None:
+        """The trainer saved the checkpoint a callback asked for."""
+        self.checkpoint_requested = False
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Pending and firing alerts as of the last applied log step."""
+        return list(self._alerts)
+
+    @property
+    def verdict(self) -> str:
+        """"healthy", "warning" or "failing", as of the last applied log step."""
+        return self._verdict
+
+    def _join(self) -> None:
+        # sync: the one deliberate wait of a log step. The host thread must have finished the
+        # previous log step (whose copy has long left the device) so that every rank applies the
+        # same alerts at the same step. The training thread never waits on the device itself.
+        self._q.join()
+        with self._lock:
+            done, self._done = self._done, []
+            self._alerts, self._verdict = self._latest
+        for t in done:
+            self.transitions.append(t)
+            for cb in self._on_alert:
+                try:
+                    action = cb(t)
+                except Exception as e:  # a callback never takes training down
+                    self._fault("callback", e)
+                    continue
+                if action == "stop":
+                    self.stop_requested = True
+                elif action == "checkpoint":
+                    self.checkpoint_requested = True
+                elif action not in (None, "log"):
+                    self._fault("callback", ValueError(f"unknown action {action!r}"))
+
+    def _submit(self, step: int, scalars: Mapping[str, float | torch.Tensor]) -> None:
+        sh = self._sh
+        host_sc = {k: float(v) for k, v in scalars.items() if not isinstance(v, torch.Tensor)}
+        tensors = {k: v.detach() for k, v in scalars.items() if isinstance(v, torch.Tensor)}
+        if sh.buf is None and tensors:  # no forward ran with the hooks: room for the scalars
+            sh.ensure(next(iter(tensors.values())).device, self._d_hint)
+        if sh.buf is None:  # nothing measured and nothing on a device
+            self._enqueue(_Job(step, None, None, False, None, [], host_sc, 1))
+            return
+        dev_sc: dict[str, torch.Tensor] = {}
+        for k, v in tensors.items():
+            if v.device == sh.buf.device or v.device.type != "cpu":
+                dev_sc[k] = v  # packed into the buffer: leaves with the one copy, never .item()
+            else:
+                host_sc[k] = float(v)  # a CPU tensor in a GPU run: no device sync
+        names = sorted(dev_sc)  # same order on every rank: the SUM is positional
+        if names:
+            self._pack(names, dev_sc)
+        if self._probe_due(step):
+            self._run_probe_batch(step)
+        world = self._all_reduce()
+        self._cos_step()
+        event, host, pooled = self._copy_out()
+        layout = sh.layout
+        sh.reset()
+        if host is None:
+            self.stats.dropped += 1
+            self._fault("queue", RuntimeError("no free host buffer: log step dropped"))
+            return
+        self._enqueue(_Job(step, event, host, pooled, layout, names, host_sc, world))
+
+    def _enqueue(self, job: _Job) -> None:
+        try:
+            self._q.put_nowait(job)
+            self.stats.log_steps += 1
+        except queue.Full:
+            self.stats.dropped += 1
+            self._fault("queue", RuntimeError("host queue full: log step dropped"))
+
+    def _pack(self, names: list[str], dev: dict[str, torch.Tensor]) -> None:
+        """Device scalars go into the buffer's scalar slots: they leave with the same copy."""
+        sh = self._sh
+        L = sh.layout
+        assert sh.buf is not None and L is not None
+        if len(names) > L.n_scalars:
+            sh.allocate(sh.buf.device, Layout(L.n_sites, L.d, max(len(names), 2 * L.n_scalars)), sh.buf)
+            L = sh.layout
+        vals = torch.stack([dev[k].reshape(()).to(sh.buf.device, sh.buf.dtype) for k in names])
+        sh.buf.narrow(0, L.scalars, len(names)).copy_(vals)
+
+    def _probe_due(self, step: int) -> bool:
+        return (
+            self.probe_batch is not None
+            and self.sites != []
+            and (self._last_probe is None or step - self._last_probe >= self.probe_every)
+        )
+
+    def _run_probe_batch(self, step: int) -> None:
+        """The fixed probe batch through the eager model (never the DDP wrapper), without grad."""
+        sh = self._sh
+        assert sh.buf is not None and self.probe_batch is not None
+        if self.probe_batch.device != sh.buf.device:
+            self.probe_batch = self.probe_batch.to(sh.buf.device)
+        was, sh.mode = sh.mode, PROBE
+        try:
+            with torch.no_grad():
+                self._root(self.probe_batch)
+        finally:
+            sh.mode = was
+        self._last_probe = step
+        self.stats.probe_runs += 1
+
+    def _all_reduce(self) -> int:
+        """DDP: two collectives per log step, so every rank sees the merged numbers."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        world = dist.get_world_size(self._group)
+        if world > 1:
+            buf, L = self._sh.buf, self._sh.layout
+            assert buf is not None and L is not None
+            dist.all_reduce(buf[: L.sum_end], op=dist.ReduceOp.SUM, group=self._group)
+            dist.all_reduce(buf[L.sum_end :], op=dist.ReduceOp.MAX, group=self._group)
+        return world
+
+    def _cos_step(self) -> None:
+        """|cos| between each site's mean direction now and at the previous log step, on the
+        device; the previous directions live in a device buffer."""
+        buf, L = self._sh.buf, self._sh.layout
+        assert buf is not None and L is not None
+        if L.n_sites == 0:
+            return
+        S = buf[: L.scalars].view(L.n_sites, L.width)
+        ksum = S[:, K_SUM : K_SUM + L.d]  # (n_sites, d)
+        m = ksum / torch.linalg.vector_norm(ksum, dim=-1, keepdim=True).clamp_min(TINY)
+        if self._prev_dir is None or self._prev_dir.shape != m.shape or self._prev_dir.device != m.device:
+            self._prev_dir = torch.zeros_like(m)
+            self._prev_valid = torch.zeros(L.n_sites, dtype=m.dtype, device=m.device)
+        assert self._prev_valid is not None
+        seen = (S[:, SLOT["n_h"]] > 0).to(m.dtype)  # (n_sites,)
+        valid = self._prev_valid * seen
+        S[:, SLOT["k_cos_step"]] = (m * self._prev_dir).sum(-1).abs().clamp_max(1) * valid
+        S[:, SLOT["k_cos_step_valid"]] = valid
+        self._prev_dir.copy_(torch.where(seen[:, None] > 0, m, self._prev_dir))
+        self._prev_valid.copy_(torch.maximum(self._prev_valid, seen))
+
+    def _copy_out(self) -> tuple[Any, torch.Tensor | None, bool]:
+        """The one device-to-host copy of the log step: pinned and non-blocking on CUDA."""
+        buf = self._sh.buf
+        assert buf is not None
+        if buf.device.type == "cpu":
+            return None, buf.clone(), False
+        if buf.device.type != "cuda":  # e.g. MPS: no events to wait on; this copy syncs
+            return None, buf.to("cpu"), False
+        with self._lock:
+            host = next((h for h in self._pool if h.numel() == buf.numel()), None)
+            if host is not None:
+                self._pool.remove(host)
+            elif self._pinned < self._queue_size + 1:
+                host = torch.empty(buf.numel(), dtype=buf.dtype, pin_memory=True)
+                self._pinned += 1
+        if host is None:
+            return None, None, False
+        host.copy_(buf, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return event, host, True
+
+    # -- the host thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            job = self._q.get()
+            try:
+                if job is None:
+                    return
+                self._work(job)
+            except Exception as e:  # never let one bad step kill the thread
+                self.stats.errors += 1
+                self._fault("host", e)
+            finally:
+                self._q.task_done()
+
+    def _work(self, job: _Job) -> None:
+        scalars: dict[str, float] = {}
+        hists: dict[str, Histogram] = {}
+        if job.host is not None and job.layout is not None:
+            if job.event is not None:
+                while not job.event.query():  # polling: no sync call, even on this thread
+                    time.sleep(2e-4)
+            arr = job.host.numpy().astype(np.float64)
+            if job.pooled:
+                with self._lock:
+                    self._pool.append(job.host)
+            scalars, hists = self._finisher.finish(arr, job.layout, job.scalar_names, job.world)
+        scalars.update(job.host_scalars)
+        transitions = self._detector.evaluate(job.step, scalars)
+        latest = (self._detector.alerts(), self._detector.verdict())
+        with self._lock:
+            self._done.extend(transitions)
+            self._latest = latest
+        self.sink.write(job.step, scalars, hists)
+
+    def _fault(self, kind: str, e: BaseException) -> None:
+        """One warning per fault kind, not one per step."""
+        if kind not in self._faults:
+            self._faults.add(kind)
+            log.warning("deltascope probe %s fault (further ones are counted, not logged): %r", kind, e)

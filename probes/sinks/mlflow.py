@@ -1,0 +1,83 @@
+"""MLflowSink: params and tags once, metrics through ``MlflowClient.log_batch`` from a thread.
+
+Canonical keys go to MLflow unchanged (``beta_mean/attn/L03`` is a valid MLflow key: slashes are
+allowed). A user scalar whose name MLflow rejects is renamed, its bad characters replaced by '_'.
+MLflow has no histogram type: histograms are not sent. Batches hold at most 1000 metrics (the
+client's limit). The run is created lazily on the thread; ``run_id`` is set once it exists.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from probes.sink import Histogram
+from probes.sinks._base import ThreadedSink
+
+MAX_METRICS_PER_BATCH = 1000
+_BAD = re.compile(r"[^/\w.\- :]")
+
+
+def mlflow_key(k: str) -> str:
+    """``k`` if MLflow accepts it, else with every disallowed character replaced by '_'."""
+    k = _BAD.sub("_", k).strip("/")
+    return k or "_"
+
+
+class MLflowSink(ThreadedSink):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str = "deltascope",
+        run_name: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        run_id: str | None = None,
+        queue_size: int = 1024,
+    ) -> None:
+        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.params, self.tags = dict(params or {}), dict(tags or {})
+        self.run_id = run_id
+        self._client: Any = None
+        self._started = False
+        super().__init__(queue_size)
+
+    def _start(self) -> Any:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient  # heavy import: on this thread
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        c = self._client
+        if not self._started:
+            if self.run_id is None:
+                exp = c.get_experiment_by_name(self.experiment)
+                exp_id = exp.experiment_id if exp is not None else c.create_experiment(self.experiment)
+                run = c.create_run(exp_id, run_name=self.run_name, tags=self.tags)
+                self.run_id = run.info.run_id
+            elif self.tags:
+                from mlflow.entities import RunTag
+
+                c.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in self.tags.items()])
+            if self.params:
+                from mlflow.entities import Param
+
+                ps = [Param(mlflow_key(k), str(v)) for k, v in self.params.items()]
+                for i in range(0, len(ps), 100):
+                    c.log_batch(self.run_id, params=ps[i : i + 100])
+            self._started = True
+        return c
+
+    def _write(self, step: int, scalars: dict[str, float], hists: dict[str, Histogram]) -> None:
+        from mlflow.entities import Metric
+
+        c = self._start()
+        ts = int(time.time() * 1000)
+        ms = [Metric(mlflow_key(k), float(v), ts, step) for k, v in scalars.items()]
+        for i in range(0, len(ms), MAX_METRICS_PER_BATCH):
+            c.log_batch(self.run_id, metrics=ms[i : i + MAX_METRICS_PER_BATCH])
+
+    def _close(self) -> None:
+        if self._started and self._client is not None:
+            self._client.set_terminated(self.run_id)

@@ -1,0 +1,83 @@
+"""Hooks registered before torch.compile trace with zero graph breaks and give eager's numbers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+
+from probes import MemorySink, Probe
+from tests.probes.conftest import assert_stats_close, batch, tiny
+
+
+@pytest.mark.slow
+def test_compiled_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    eager = tiny(n_layer=1, block_size=16)
+    twin = copy.deepcopy(eager)
+    se, sc = MemorySink(), MemorySink()
+    with Probe(eager, every=2, sinks=[se]) as pe, Probe(twin, every=2, sinks=[sc]) as pc:
+        compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")  # a break raises
+        for step in range(4):  # log, non-log, log, non-log: both graph variants, twice
+            x = batch(eager, 2, T=16, seed=step)
+            eager(x, x)[1].backward()
+            compiled(x, x)[1].backward()
+            pe.step(step)
+            pc.step(step)
+    assert torch._dynamo.utils.counters["graph_break"] == {}
+    assert [r.step for r in sc.records] == [r.step for r in se.records] == [0, 2]
+    for a, b in zip(sc.records, se.records, strict=True):
+        assert_stats_close(a.scalars, b.scalars, rtol=1e-5, atol=1e-6)
+        assert {k: h.counts for k, h in a.hists.items()} == {k: h.counts for k, h in b.hists.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
+def test_inductor_cuda_fullgraph_matches_eager():
+    """The hooks lower through inductor on CUDA (Triton kernels) with no graph break."""
+    torch._dynamo.reset()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager = tiny(n_layer=1, block_size=16).cuda()
+    twin = copy.deepcopy(eager)
+    se, sc = MemorySink(), MemorySink()
+    with Probe(eager, every=2, sinks=[se]) as pe, Probe(twin, every=2, sinks=[sc]) as pc:
+        compiled = torch.compile(twin, fullgraph=True)
+        for step in range(4):
+            x = batch(eager, 2, T=16, seed=step).cuda()
+            eager(x, x)[1].backward()
+            compiled(x, x)[1].backward()
+            pe.step(step)
+            pc.step(step)
+    assert torch._dynamo.utils.counters["graph_break"] == {}
+    assert [r.step for r in sc.records] == [0, 2]
+    for a, b in zip(sc.records, se.records, strict=True):
+        assert_stats_close(a.scalars, b.scalars, skip=("k_unit_err",), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fused_statistics_match_plain(monkeypatch):
+    """The compiled copies of the statistics (on by default on CUDA) give the plain numbers; on
+    CPU they are compiled with aot_eager here, inductor being too slow on two cores."""
+    import probes._hooks
+
+    monkeypatch.setattr(probes._hooks, "FUSE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    plain = tiny(d_v=4)
+    fused = copy.deepcopy(plain)
+    sp, sf = MemorySink(), MemorySink()
+    with Probe(plain, sinks=[sp], fuse=False) as pp, Probe(fused, sinks=[sf], fuse=True) as pf:
+        for step in range(2):
+            x = batch(plain, 2, seed=step)
+            plain(x, x)[1].backward()
+            fused(x, x)[1].backward()
+            pp.step(step)
+            pf.step(step)
+        assert pf._sh.fuse and set(pf._sh._fused) == {"site_block"}
+    for a, b in zip(sf.records, sp.records, strict=True):
+        assert_stats_close(a.scalars, b.scalars, rtol=1e-5, atol=1e-6)
+        assert {k: h.counts for k, h in a.hists.items()} == {k: h.counts for k, h in b.hists.items()}

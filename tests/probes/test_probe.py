@@ -1,0 +1,116 @@
+"""The Probe's API: discovery, the log-step schedule, hooks removed on exit, scalars, variants."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from probes import JsonlSink, MemorySink, Probe, TensorBoardSink
+from probes._finish import hist_quantile
+from tests.probes.conftest import batch, tiny
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_sites_in_forward_order_and_by_name():
+    model = tiny()
+    with Probe(model) as p:
+        assert p.sites == [("attn", 0), ("mlp", 0), ("attn", 1), ("mlp", 1)]
+    named = {"attn/0": "blocks.0.attn_delta", "mlp/L01": "blocks.1.mlp_delta"}
+    with Probe(model, modules=named) as p:
+        assert p.sites == [("attn", 0), ("mlp", 1)]
+    with pytest.raises(ValueError, match="site name"):
+        Probe(model, modules={"attention/0": "blocks.0.attn_delta"})
+    with pytest.raises(ValueError, match="hook-contract"):
+        Probe(model, modules={"attn/0": "blocks.0.attn"})
+
+
+def test_exit_removes_every_hook():
+    model = tiny()
+    before = _hook_count(model)
+    with Probe(model, sinks=[MemorySink()]):
+        assert _hook_count(model) == before + 4 * 5  # residual, gate, logit, k_dir, write
+    assert _hook_count(model) == before
+
+
+def test_log_steps_and_idle_hooks():
+    """Log steps are the first and then every ``every``-th; between them the buffer is untouched."""
+    model = tiny()
+    x = batch(model, 2)
+    sink = MemorySink()
+    with Probe(model, every=3, sinks=[sink]) as probe, torch.no_grad():
+        for step in range(7):
+            model(x, x)
+            if step % 3 != 0:
+                assert probe._sh.buf[: probe._sh.layout.sum_end].abs().sum() == 0
+            probe.step(step)
+    assert [r.step for r in sink.records] == [0, 3, 6]
+    assert probe.stats.log_steps == 3 and probe.stats.dropped == 0
+
+
+def test_device_scalars_travel_in_the_buffer():
+    """0-dim tensors are packed into the device buffer (growing it past its 8 slots), floats not."""
+    model = tiny()
+    x = batch(model, 2)
+    sink = MemorySink()
+    with Probe(model, sinks=[sink]) as probe, torch.no_grad():
+        model(x, x)
+        sc = {f"s{i}": torch.tensor(float(i)) for i in range(11)} | {"lr": 0.5}
+        probe.step(0, scalars=sc)
+        model(x, x)
+        probe.step(1, scalars={"loss": torch.tensor(2.5)})
+    assert {k: sink.records[0].scalars[k] for k in sc} == {f"s{i}": float(i) for i in range(11)} | {"lr": 0.5}
+    assert sink.records[1].scalars["loss"] == 2.5 and "s3" not in sink.records[1].scalars
+    assert "beta_mean/mlp/L01" in sink.records[1].scalars
+
+
+def test_fixed_beta_and_beta_range():
+    model = tiny(beta_fixed=0.5, beta_max=1.0)
+    x = batch(model, 2)
+    sink = MemorySink()
+    with Probe(model, sinks=[sink]) as probe, torch.no_grad():
+        assert probe.beta_max == 1.0
+        model(x, x)
+        probe.step(0)
+    s = sink.last().scalars
+    assert "gate_logit_sat/attn/L00" not in s  # no logit when beta is fixed
+    assert s["beta_mean/attn/L00"] == pytest.approx(0.5) and s["beta_std/attn/L00"] == pytest.approx(0)
+    h = sink.last().hists["beta_hist/attn/L00"]
+    assert (h.lo, h.hi) == (0.0, 1.0) and h.counts[32] == 2 * 32
+
+
+def test_additive_model_logs_scalars_only(caplog):
+    model = tiny(residual="additive")
+    sink = MemorySink()
+    with caplog.at_level(logging.WARNING, "deltascope.probes"), Probe(model, sinks=[sink]) as probe:
+        probe.step(0, scalars={"loss": 1.0})
+    assert probe.sites == [] and sink.last().scalars == {"loss": 1.0}
+    assert "no delta residuals" in caplog.text
+
+
+def test_probe_into_jsonl_and_tensorboard(tmp_path):
+    model = tiny()
+    x = batch(model, 2)
+    with Probe(model, every=2, sinks=[JsonlSink(tmp_path / "stats.jsonl"), TensorBoardSink(tmp_path)]
+               ) as probe, torch.no_grad():
+        for step in range(4):
+            model(x, x)
+            probe.step(step, scalars={"loss": 1.0})
+    lines = (tmp_path / "stats.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"step":2' in lines[1] and '"beta_hist/attn/L00":[' in lines[0]
+    assert probe.sink.stats.errors == 0
+
+
+@pytest.mark.parametrize(
+    ("counts", "q", "want"),
+    [([0, 4, 0, 0], 0.5, 1.5), ([0, 4, 0, 0], 0.0, 1.0), ([0, 4, 0, 0], 1.0, 2.0),
+     ([1, 1, 1, 1], 0.5, 2.0), ([0, 0, 0, 0], 0.5, float("nan"))],
+)
+def test_hist_quantile(counts, q, want):
+    got = hist_quantile(np.array(counts, dtype=float), 0.0, 4.0, q)
+    assert got == pytest.approx(want, nan_ok=True)
