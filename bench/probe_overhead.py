@@ -103,7 +103,7 @@ def main() -> None:
     for cond in ("off", "on"):  # warm-up (and compile) both
         net, o, pr = nets[cond]
         if not args.compile and cond == "on":
-            with Probe(model, every=args.every, sinks=[sink]) as pr:
+            with Probe(model, every=args.every, sinks=[MemorySink()]) as pr:
                 run_block(net, o, pr, batches, step, args.warmup, cuda, amp)
         else:
             run_block(net, o, pr, batches, step, args.warmup, cuda, amp)
@@ -112,8 +112,9 @@ def main() -> None:
         for cond in (("off", "on") if blk % 2 == 0 else ("on", "off")):
             net, o, pr = nets[cond]
             if not args.compile and cond == "on":
-                with Probe(model, every=args.every, sinks=[sink], start_step=step) as pr:
+                with Probe(model, every=args.every, sinks=[blk_sink := MemorySink()], start_step=step) as pr:
                     samples[cond].append(run_block(net, o, pr, batches, step, args.steps, cuda, amp))
+                sink.records.extend(blk_sink.records)  # a probe closes its sinks on exit
             else:
                 samples[cond].append(run_block(net, o, pr, batches, step, args.steps, cuda, amp))
             step += args.steps

@@ -5,9 +5,9 @@ One float64 buffer (float32 where the device has no float64, e.g. MPS) holds, in
     [ site 0 sums | site 1 sums | ... | device scalars (capacity C) | site 0 maxima | ... ]
       <-------------- all-reduced with SUM ---------------------->   <-- reduced with MAX -->
 
-so a DDP log step costs exactly two collectives, each on a contiguous slice. Within a site's sum
-block every hook owns one contiguous run (``BLOCKS``), filled by a single in-place add per call;
-the k block ends with the sum of k (d values), so only its tail depends on d. Maxima keep ``-min``
+so a DDP log step costs exactly two collectives, each on a contiguous slice. A site's sum block is
+filled by one in-place add per forward pass (``_stats.site_block`` returns it whole, in this
+order); it ends with the sum of k (d values), so only its tail depends on d. Maxima keep ``-min``
 for minima so one MAX reduces both.
 """
 
@@ -19,7 +19,7 @@ from server.catalogue import BETA_BINS, H_NORM_BINS
 
 BETA_SLOTS = ("n_beta", "beta_sum", "beta_sumsq", "occ_identity", "occ_projection",
               "occ_reflection", "occ_negative", "nonfinite_beta")
-"""The beta_gate hook's scalars (token counts; sums in beta units), then the beta histogram."""
+"""beta_gate's output: token counts and sums in beta units; the beta histogram follows."""
 LOGIT_SLOTS = ("n_logit", "logit_sat")
 """The beta_gate.logit hook."""
 LAYER_SLOTS = ("n_layer_pair", "k_cos_layer_sum")
@@ -31,7 +31,7 @@ PROBE_SLOTS = ("n_probe", "k_cos_probe_sum")
 STEP_SLOTS = ("k_cos_step", "k_cos_step_valid")
 """Written at ``Probe.step`` after the all-reduce, never reduced."""
 K_SLOTS = ("n_h", "h_norm_sum", "k_abs_sum", "n_token_pair", "k_cos_token_sum", "nonfinite_h")
-"""The k_dir hook's scalars, then the log10 ||h|| histogram, then the sum of k (d values)."""
+"""k_dir's input h and output k; then the log10 ||h|| histogram, then the sum of k (d values)."""
 
 _ORDER = (
     *BETA_SLOTS, *(f"beta_hist{i}" for i in range(BETA_BINS)), *LOGIT_SLOTS, *LAYER_SLOTS,
@@ -42,15 +42,8 @@ SLOT: dict[str, int] = {name: i for i, name in enumerate(_ORDER)}
 BETA_HIST = SLOT["beta_hist0"]
 H_HIST = SLOT["h_hist0"]
 K_SUM = len(_ORDER)
-BETA_BLOCK = len(BETA_SLOTS) + BETA_BINS
-"""Length of the beta hook's run (scalars then histogram), from ``SLOT["n_beta"]``."""
 MAX_SLOTS = ("h_norm_max", "h_norm_negmin", "k_unit_err")
 """Per site, reduced with MAX: largest ||h||, minus the smallest ||h||, max | ||k|| - 1 |."""
-
-
-def k_block(d: int) -> int:
-    """Length of the k hook's run from ``SLOT["n_h"]``: scalars, ||h|| histogram, sum of k."""
-    return len(K_SLOTS) + H_NORM_BINS + d
 
 
 @dataclass(frozen=True)
