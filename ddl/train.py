@@ -159,6 +159,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"deltascope: {cfg.preset} {model.num_params() / 1e6:.2f}M params on {device} x{d.world}, "
               f"corpus {corpus.source}, {B}x{T} tokens x{cfg.grad_accum} accum", file=sys.stderr)
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines about tables are noise here
     sinks = build_sinks(cfg, run_name, params) if d.main else []
     probe = None
     if cfg.probes and mcfg.residual == "delta":

@@ -14,10 +14,12 @@ log = logging.getLogger("deltascope.alerts")
 
 
 def log_alert(t: Transition) -> str:
-    """One line per transition on the ``deltascope.alerts`` logger (stderr without configuration):
-    warnings for pending/firing, info-level lines are not used so nothing is filtered by default."""
+    """One line per alert that fires or resolves on the ``deltascope.alerts`` logger (stderr
+    without configuration). Pending and dropped-pending transitions go to DEBUG: they are the
+    detector's bookkeeping, and a console full of them hides the alerts that matter."""
     run = f"[{t.run}] " if t.run else ""
-    log.warning("%sstep %d %s %s: %s", run, t.step, t.severity, t.state, t.message)
+    level = logging.WARNING if t.state in (AlertState.FIRING, AlertState.RESOLVED) else logging.DEBUG
+    log.log(level, "%sstep %d %s %s: %s", run, t.step, t.severity, t.state, t.message)
     return "log"
 
 

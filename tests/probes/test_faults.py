@@ -106,3 +106,17 @@ def test_stop_callback_stops_at_the_next_log_boundary(caplog):
 def test_callback_matchers():
     with pytest.raises(ValueError, match="unknown rules"):
         stop_on(rules=["no_such_rule"])
+
+
+def test_log_alert_prints_firing_and_resolved_only(caplog):
+    from server.rules import AlertState, Severity, Transition
+
+    def t(prev, state):
+        return Transition(run="r", rule="beta_collapse", site="attn", layer=3, severity=Severity.WARNING,
+                          prev=prev, state=state, step=7, value=0.01, threshold=0.05, message=f"msg {state}")
+
+    with caplog.at_level(logging.WARNING, "deltascope.alerts"):
+        for prev, state in [(AlertState.INACTIVE, AlertState.PENDING), (AlertState.PENDING, AlertState.INACTIVE),
+                            (AlertState.PENDING, AlertState.FIRING), (AlertState.FIRING, AlertState.RESOLVED)]:
+            log_alert(t(prev, state))
+    assert [r.getMessage().rsplit(" ", 1)[-1] for r in caplog.records] == ["firing", "resolved"]
