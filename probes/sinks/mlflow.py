@@ -53,7 +53,8 @@ class MLflowSink(ThreadedSink):
         if not self._started:
             if self.run_id is None:
                 exp = c.get_experiment_by_name(self.experiment)
-                exp_id = exp.experiment_id if exp is not None else c.create_experiment(self.experiment)
+                exp_id = exp.experiment_id if exp is not None else c.create_experiment(
+                    self.experiment, artifact_location=_artifact_location(self.tracking_uri))
                 run = c.create_run(exp_id, run_name=self.run_name, tags=self.tags)
                 self.run_id = run.info.run_id
             elif self.tags:
@@ -81,3 +82,14 @@ class MLflowSink(ThreadedSink):
     def _close(self) -> None:
         if self._started and self._client is not None:
             self._client.set_terminated(self.run_id)
+
+
+def _artifact_location(tracking_uri: str) -> str | None:
+    """Beside a ``sqlite:///`` database, artifacts go to ``mlartifacts/`` next to it; MLflow's
+    default would be ``./mlruns`` of whatever directory the job was started from."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None  # a tracking server decides for itself
+    from pathlib import Path
+
+    return (Path(tracking_uri[len(prefix):]).resolve().parent / "mlartifacts").as_uri()
