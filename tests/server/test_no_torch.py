@@ -28,13 +28,9 @@ SCRIPT = textwrap.dedent("""
         assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
         assert c.get("/metrics").status_code == 200
 
-    # the job-side client too. probes/__init__ re-exports Probe (torch), so the package is stood
-    # in for by a bare one: this checks what http_sink itself imports
-    import types
-    pkg = types.ModuleType("probes")
-    pkg.__path__ = [sys.argv[2]]
-    sys.modules["probes"] = pkg
+    # the job-side client too, through the real package (its exports are lazy)
     import probes.http_sink
+    from probes import HttpSink  # noqa: F401
 
     loaded = [m for m in sys.modules if m.split(".")[0] in ("torch", "ddl", "numpy")
               and sys.modules[m] is not None]
