@@ -1,4 +1,4 @@
-"""The ``deltascope`` command: train, serve, demo, report.
+"""The ``deltascope`` command: train, serve, demo, report, experiment.
 
 Flags are validated (pydantic) before anything heavy is imported; a user mistake ends with one
 line on stderr that says what to do and exit code 2, never a traceback.
@@ -212,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_demo)
     sub.add_parser("report", help="render a run's figures (PNG + HTML); see deltascope report --help",
                    add_help=False)
+    sub.add_parser("experiment", help="run a spec's variants x seeds and compare them; see "
+                   "deltascope experiment --help", add_help=False)
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "experiment":  # its own parser lives with the experiment code
+        from ddl.experiment import main as experiment_main
+
+        return experiment_main(args[1:])
     if args and args[0] == "report":  # its own parser lives with the report code
         from dashboards.report import main as report_main
 
