@@ -90,8 +90,8 @@ def build_sinks(cfg: TrainConfig, run_name: str, params: dict) -> list:
     except ImportError:  # a GPU image without mlflow: train on, say so once
         log.warning("mlflow is not installed: the MLflow sink is off for this run")
     else:
-        uri = cfg.mlflow_uri or f"sqlite:///{cfg.out.resolve().parent / 'mlflow.db'}"
-        sinks.append(MLflowSink(uri, run_name=run_name, params=params, tags={"deltascope.preset": cfg.preset}))
+        tags = {"deltascope.preset": cfg.preset}
+        sinks.append(MLflowSink(cfg.tracking_uri, run_name=run_name, params=params, tags=tags))
     if cfg.server:
         from probes.http_sink import HttpSink
 
@@ -265,7 +265,6 @@ def _final_report(cfg: TrainConfig, run_name: str) -> None:
 
         page = build_report(cfg.out)
         print(f"report: {page}", file=sys.stderr)
-        uri = cfg.mlflow_uri or f"sqlite:///{cfg.out.resolve().parent / 'mlflow.db'}"
-        log_report_to_mlflow(uri, run_name, page.parent)
+        log_report_to_mlflow(cfg.tracking_uri, run_name, page.parent)
     except Exception as e:  # noqa: BLE001 (the model is trained and saved; say why the report is missing)
         log.warning("no end-of-training report: %s", e)

@@ -67,6 +67,11 @@ class TrainConfig(BaseModel):
     resume: bool = False
     """Continue from <out>/ckpt.pt when it exists."""
 
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow URI in force: ``mlflow_uri``, else a sqlite file beside the run directory."""
+        return self.mlflow_uri or f"sqlite:///{self.out.resolve().parent / 'mlflow.db'}"
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.preset not in presets:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,7 +44,7 @@ class _Marker:
         self.done = threading.Event()
 
 
-class ThreadedSink:
+class ThreadedSink(ABC):
     """Base of disk and network sinks: ``write`` enqueues without blocking (drops and counts when
     the queue is full); a daemon thread calls ``_write`` / ``_flush`` / ``_close`` in order.
 
@@ -119,11 +120,12 @@ class ThreadedSink:
             self._fault(where, e)
             return False
 
+    @abstractmethod
     def _write(self, step: int, scalars: dict[str, float], hists: dict[str, Histogram]) -> None:
-        raise NotImplementedError
+        """Deliver one log step; runs on the sink's thread, may raise (counted, logged once)."""
 
-    def _flush(self) -> None:
-        pass
+    def _flush(self) -> None:  # noqa: B027 (optional hook: most sinks have nothing to flush)
+        """Push buffered writes out; runs on the sink's thread."""
 
-    def _close(self) -> None:
-        pass
+    def _close(self) -> None:  # noqa: B027 (optional hook)
+        """Release files or connections; runs on the sink's thread."""
