@@ -212,10 +212,8 @@ def test_full_queue_drops_and_counts_without_blocking(kind, tmp_path, monkeypatc
     sink: ThreadedSink = SINKS[kind][0](tmp_path, queue_size=2)
     real = sink._write
     monkeypatch.setattr(sink, "_write", lambda *a: (gate.wait(10), real(*a)))
-    t0 = time.perf_counter()
-    for s in range(20):
+    for s in range(20):  # the writer is held: a blocking write() would never drop, and deadlock here
         sink.write(s, _scalars(0))
-    assert time.perf_counter() - t0 < 0.5  # never waits for the writer
     gate.set()
     sink.close()
     assert sink.stats.dropped >= 20 - 3 and sink.stats.written == 20 - sink.stats.dropped
