@@ -3,8 +3,10 @@
 A spec (TOML or YAML, a file or a built-in name in ``ddl/specs``) names a preset, a step budget,
 seeds, the probes' interval, shared ``train`` settings (TrainConfig fields; ``overrides`` there
 are model fields every variant shares) and ``[variants.NAME]`` tables of DDLConfig overrides.
-Runs go one after another into OUT/VARIANT-seedS; a run whose summary.json exists is skipped,
-so a second invocation resumes. OUT/comparison.md and OUT/comparison.json hold per-variant
+Runs go one after another into OUT/VARIANT-seedS, or with ``--devices cuda:0,cuda:1`` one worker
+process per listed device (a device may be listed twice to share it); a run whose summary.json
+exists is skipped, so a second invocation resumes. ``--only`` restricts a call to some variants.
+OUT/comparison.md and OUT/comparison.json hold per-variant
 losses, throughput, alert counts by rule, and per-layer final beta medians and regime occupancy;
 the figures sit beside them.
 """
@@ -171,14 +173,16 @@ def train_config(spec: Spec, out: Path, variant: str, seed: int, steps: int | No
                        every=spec.every, probes=True)
 
 
-def run_experiment(spec: Spec, out: Path, steps: int | None = None, device: str | None = None) -> dict[str, Any]:
-    """Train every variant x seed not yet finished, then write the comparison; returns it."""
+def run_experiment(spec: Spec, out: Path, steps: int | None = None, device: str | None = None,
+                   only: list[str] | None = None, compare_after: bool = True) -> dict[str, Any] | None:
+    """Train every variant (or those in ``only``) x seed not yet finished, then write the
+    comparison of all finished runs and return it."""
     from ddl.train import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec.model_dump(), indent=2))
-    runs = [(v, s) for v in spec.variants for s in spec.seeds]
+    runs = [(v, s) for v in spec.variants if only is None or v in only for s in spec.seeds]
     for i, (variant, seed) in enumerate(runs, start=1):
         cfg = train_config(spec, out, variant, seed, steps, device)
         if (cfg.out / "summary.json").exists():
@@ -196,7 +200,30 @@ def run_experiment(spec: Spec, out: Path, steps: int | None = None, device: str 
             except Exception as e:  # noqa: BLE001 (a report is a courtesy; the run is done)
                 log.warning("no report for %s: %s", cfg.out, e)
                 print(f"experiment {spec.name}: warning: no report for {cfg.out.name}: {e}", file=sys.stderr)
-    return compare(spec, out)
+    return compare(spec, out) if compare_after else None
+
+
+def run_parallel(spec: Spec, spec_ref: str, out: Path, devices: list[str], steps: int | None = None,
+                 only: list[str] | None = None) -> int:
+    """One worker process per entry of ``devices``, variants dealt round-robin; then compare.
+    Returns the number of workers that failed (their runs are simply missing from the comparison)."""
+    import subprocess
+
+    names = [v for v in spec.variants if only is None or v in only]
+    shares = [names[i::len(devices)] for i in range(len(devices))]
+    procs = []
+    for dev, share in zip(devices, shares, strict=True):
+        if not share:
+            continue
+        cmd = [sys.executable, "-m", "ddl.experiment", spec_ref, "--out", str(out), "--device", dev,
+               "--only", ",".join(share), "--no-compare"]
+        if steps is not None:
+            cmd += ["--steps", str(steps)]
+        print(f"experiment {spec.name}: {dev}: {', '.join(share)}", file=sys.stderr)
+        procs.append(subprocess.Popen(cmd))
+    failed = sum(p.wait() != 0 for p in procs)
+    compare(spec, out)
+    return failed
 
 
 # ---- comparison ------------------------------------------------------------------------------
@@ -463,6 +490,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="experiment directory (default runs/experiments/<name>)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default the spec's)")
     p.add_argument("--device", help="auto, cpu or cuda[:N] (default the spec's, else auto)")
+    p.add_argument("--devices", help="comma-separated devices, one worker process each, e.g. cuda:0,cuda:1 "
+                   "(list one twice to run two variants side by side on it)")
+    p.add_argument("--only", help="comma-separated variants to run (default all); the comparison covers "
+                   "every finished run")
+    p.add_argument("--no-compare", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -476,24 +508,39 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.steps is not None and a.steps < 1:
         return fail(f"--steps must be at least 1, got {a.steps}")
+    if a.device and a.devices:
+        return fail("give --device or --devices, not both")
+    devices = [d.strip() for d in a.devices.split(",")] if a.devices else None
     try:
         spec = load_spec(a.spec)
         out = a.out or Path("runs/experiments") / spec.name
-        train_config(spec, out, next(iter(spec.variants)), spec.seeds[0], a.steps, a.device)  # validates --device
+        only = [v.strip() for v in a.only.split(",")] if a.only else None
+        if only is not None and (unknown := [v for v in only if v not in spec.variants]):
+            return fail(f"--only: no variant {unknown[0]!r} in spec {spec.name} "
+                        f"(it has {', '.join(spec.variants)})")
+        for dev in devices or [a.device]:  # validates --device / --devices before anything runs
+            train_config(spec, out, next(iter(spec.variants)), spec.seeds[0], a.steps, dev)
     except SpecError as e:
         return fail(str(e))
     except ValidationError as e:
         return fail(_one_line(e))
     from ddl.data import DataError
 
+    if devices is not None:
+        failed = run_parallel(spec, a.spec, out, devices, a.steps, only)
+        print(out / "comparison.md")
+        if failed:
+            print(f"deltascope: {failed} worker(s) failed; run the same command to resume ({out})", file=sys.stderr)
+        return 1 if failed else 0
     try:
-        run_experiment(spec, out, a.steps, a.device)
+        run_experiment(spec, out, a.steps, a.device, only, compare_after=not a.no_compare)
     except DataError as e:
         return fail(str(e))
     except KeyboardInterrupt:
         print(f"deltascope: interrupted; run the same command to resume ({out})", file=sys.stderr)
         return 130
-    print(out / "comparison.md")
+    if not a.no_compare:
+        print(out / "comparison.md")
     return 0
 
 
