@@ -1,4 +1,4 @@
-"""The ``deltascope`` command: train, serve, demo, report, experiment.
+"""The ``deltascope`` command: train, serve, demo, report, experiment, flush-spool.
 
 Flags are validated (pydantic) before anything heavy is imported; a user mistake ends with one
 line on stderr that says what to do and exit code 2, never a traceback.
@@ -191,6 +191,43 @@ deltascope demo
         server_log.close()
 
 
+def cmd_flush_spool(a: argparse.Namespace) -> int:
+    """Send the spools that dead jobs left behind; 0 all delivered, 1 something remains, 2 misuse."""
+    import os
+
+    import httpx
+
+    from probes.http_sink import DEFAULT_SPOOL_DIR
+    from probes.spool_replay import replay_orphans
+
+    spool_dir = a.dir or DEFAULT_SPOOL_DIR
+    if a.url is not None:
+        try:
+            u = httpx.URL(a.url)
+        except httpx.InvalidURL:
+            u = None
+        if u is None or u.scheme not in ("http", "https") or not u.host:
+            return _fail(f"--url expects the server's address, e.g. http://127.0.0.1:8765, got {a.url!r}")
+    if not spool_dir.is_dir():
+        return _fail(f"no spool directory {spool_dir}; pass --dir with the one your job spooled to "
+                     "(deltascope train: <out>/spool; HttpSink: its spool_dir)")
+    if not os.access(spool_dir, os.R_OK | os.W_OK | os.X_OK):
+        return _fail(f"cannot read and write {spool_dir} (delivered spools are removed); run as the job's user")
+    try:
+        done = replay_orphans(spool_dir, url=a.url, each=lambda r: print(r.line(), flush=True))
+    except OSError as e:
+        return _fail(f"cannot list {spool_dir}: {e}")
+    left = [r for r in done if not r.in_use and not r.delivered]
+    if not done:
+        hint = f" (a run directory? try --dir {spool_dir / 'spool'})" if (spool_dir / "spool").is_dir() else ""
+        print(f"nothing to send: no spools in {spool_dir}{hint}")
+    if left:
+        print(f"deltascope: {len(left)} spool(s) not fully delivered (see above); what remains is kept "
+              "for the next flush-spool", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deltascope", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -210,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the previous demo run")
     p.add_argument("--keep-serving", action="store_true", help="keep the server up after training")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("flush-spool", help="send the stats that killed jobs spooled while the server was away")
+    p.add_argument("--dir", type=Path, help="spool directory (default: HttpSink's, <tmp>/deltascope-spool; "
+                   "deltascope train spools to <out>/spool)")
+    p.add_argument("--url", help="server address to send to instead of the one each spool recorded "
+                   "(the same server reached another way)")
+    p.set_defaults(fn=cmd_flush_spool)
     sub.add_parser("report", help="render a run's figures (PNG + HTML); see deltascope report --help",
                    add_help=False)
     sub.add_parser("experiment", help="run a spec's variants x seeds and compare them; see "

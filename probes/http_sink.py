@@ -7,6 +7,11 @@ batches go to an append-only spool file (fsync per batch) and are replayed in or
 original ids, once it answers again: the server's idempotency makes that exactly-once, gap-free
 delivery. One warning per outage, never one per step.
 
+The spool describes itself (server, run body, run id and token once registered) and is locked for
+the sink's lifetime, so a spool left by a killed job is an orphan that the next ``HttpSink`` on the
+same ``spool_dir`` sends on a thread of its own when it starts (``replay_orphans``), or
+``deltascope flush-spool`` does (``probes.spool_replay``). ``RunClient`` is the HTTP part both use.
+
 Each answer carries the run's verdict and firing alerts (``sink.health``) and the alert
 transitions the server's detector produced; ``on_alert(transition_dict)`` is called for each, on
 the sink's thread. Torch-free: imports ``server.schemas`` (pydantic only) for the key rules.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import queue
 import re
 import tempfile
@@ -76,7 +82,70 @@ class _Transient(Exception):
     """The server is unreachable or overloaded: spool and retry later."""
 
 
-class HttpSink:
+class _RunLost(_Transient):
+    """The server does not know the run (a new database): the next send registers it again."""
+
+
+class RunClient:
+    """One run on one deltascope server, as a writer sees it: registers the run on first use (and
+    again after the server lost it), POSTs batches with their ids, splits one over the body limit.
+
+    Transport failures and overload raise ``_Transient`` (``_RunLost`` after a 404); every
+    acknowledged or refused (sub)batch goes to ``_answered``. Subclasses: ``HttpSink`` and
+    ``probes.spool_replay``'s replayer."""
+
+    def __init__(self, url: str, run_body: dict[str, Any], timeout: float, run_id: int | None = None,
+                 token: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.run_body = run_body
+        self.run_id = run_id
+        self._token = token
+        self._client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)))
+
+    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        headers = {"content-type": "application/json"}
+        if self._token is not None:
+            headers["authorization"] = f"Bearer {self._token}"
+        try:
+            r = self._client.post(path, content=json.dumps(body, allow_nan=False), headers=headers)
+        except httpx.HTTPError as e:
+            raise _Transient(f"{type(e).__name__}: {e}") from e
+        if r.status_code in _TRANSIENT:
+            raise _Transient(f"HTTP {r.status_code}")
+        return r
+
+    def _register(self) -> None:
+        r = self._post("/api/v1/runs", self.run_body)
+        if r.status_code != 201:
+            raise _Transient(f"run registration answered {r.status_code}: {r.text[:200]}")
+        body = r.json()
+        self.run_id, self._token = int(body["id"]), body["token"]
+        log.info("deltascope run %r registered as #%d at %s", self.run_body["name"], self.run_id, self.url)
+        self._registered()
+
+    def _registered(self) -> None:
+        """Hook: ``run_id`` and ``_token`` are new."""
+
+    def _send(self, batch: dict[str, Any]) -> None:
+        """POST one batch; raises _Transient to spool, returns when acknowledged or rejected."""
+        if self.run_id is None:
+            self._register()
+        r = self._post(f"/api/v1/runs/{self.run_id}/stats", batch)
+        if r.status_code == 404:  # the server lost the run (a new database): register again
+            self.run_id = self._token = None
+            raise _RunLost("run unknown to the server; registering again")
+        if r.status_code == 413 and len(batch["records"]) > 1:
+            half = len(batch["records"]) // 2
+            for suffix, part in (("a", batch["records"][:half]), ("b", batch["records"][half:])):
+                self._send({"batch_id": f"{batch['batch_id']}.{suffix}", "records": part})
+            return
+        self._answered(batch, r)
+
+    def _answered(self, batch: dict[str, Any], r: httpx.Response) -> None:
+        """Hook: the server answered ``batch`` for good (200, or a refusal to drop)."""
+
+
+class HttpSink(RunClient):
     def __init__(
         self,
         url: str,
@@ -92,22 +161,30 @@ class HttpSink:
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
         on_alert: Callable[[dict[str, Any]], None] | None = None,
+        replay_orphans: bool = True,
     ) -> None:
-        self.url = url.rstrip("/")
+        """``replay_orphans``: send the spools of dead jobs found in ``spool_dir`` to their runs, on
+        a thread of its own (one log line per spool; summaries in ``recovered``)."""
+        super().__init__(url, {"name": run_name, "config": dict(config or {}), "tags": dict(tags or {}),
+                               "beta_max": beta_max}, timeout)
         self.run_name = run_name
-        self.run_body = {"name": run_name, "config": dict(config or {}), "tags": dict(tags or {}),
-                         "beta_max": beta_max}
         self.batch_size, self.flush_interval, self.timeout = batch_size, flush_interval, timeout
         self.retry_initial, self.retry_max = retry_initial, retry_max
         self.on_alert = on_alert
         self.stats = HttpSinkStats()
         self.health: dict[str, Any] = {"verdict": None, "firing": [], "step": None}
         """The server's verdict on the run and its firing alerts, as of the last answer."""
-        self.run_id: int | None = None
-        self._token: str | None = None
+        self.recovered: list[Any] = []
+        """``probes.spool_replay.Replayed`` of each orphan spool this sink sent (or tried) at start."""
         slug = re.sub(r"[^A-Za-z0-9_.-]", "_", run_name)[:64]
         self._id = uuid.uuid4().hex[:12]
         self.spool = Spool(Path(spool_dir or DEFAULT_SPOOL_DIR) / f"{slug}-{self._id}.jsonl")
+        self.spool.set_meta(self._meta())
+        try:  # before anything is spooled, so that no replayer ever takes this spool for an orphan
+            self.spool.lock()
+        except OSError as e:  # e.g. a file system without flock: spooling still works
+            log.warning("HttpSink cannot lock its spool %s (%s): another process could replay it while "
+                        "this job runs", self.spool.path, e)
         self._seq = 0
         self._q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._closed = False
@@ -116,9 +193,14 @@ class HttpSink:
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._backoff = retry_initial
-        self._client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)))
         self._thread = threading.Thread(target=self._run, name="deltascope-HttpSink", daemon=True)
         self._thread.start()
+        self._stop_replay = threading.Event()
+        self._replayer: threading.Thread | None = None
+        if replay_orphans:
+            self._replayer = threading.Thread(target=self._replay_orphans, name="deltascope-HttpSink-replay",
+                                              daemon=True)
+            self._replayer.start()
 
     # -- training-thread side -------------------------------------------------------------------
     def write(self, step: int, scalars: Mapping[str, float],
@@ -149,6 +231,9 @@ class HttpSink:
         self._closed = True
         self._marker(_Flush(stop=True), timeout)
         self._thread.join(timeout or self.timeout * 3)
+        if self._replayer is not None:  # stops between two batches; what is left stays for later
+            self._stop_replay.set()
+            self._replayer.join(self.timeout)
         self._client.close()
 
     def __enter__(self) -> HttpSink:
@@ -291,39 +376,18 @@ class HttpSink:
             self._down_since = None
         self._retry_at = 0.0
 
-    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        headers = {"content-type": "application/json"}
-        if self._token is not None:
-            headers["authorization"] = f"Bearer {self._token}"
+    def _meta(self) -> dict[str, Any]:
+        """The spool's description: all a replayer needs to finish this job's delivery."""
+        return {"version": 1, "url": self.url, "run": self.run_body, "batch_prefix": self._id,
+                "pid": os.getpid(), "run_id": self.run_id, "token": self._token}
+
+    def _registered(self) -> None:
         try:
-            r = self._client.post(path, content=json.dumps(body, allow_nan=False), headers=headers)
-        except httpx.HTTPError as e:
-            raise _Transient(f"{type(e).__name__}: {e}") from e
-        if r.status_code in _TRANSIENT:
-            raise _Transient(f"HTTP {r.status_code}")
-        return r
+            self.spool.set_meta(self._meta())
+        except OSError as e:  # the batch in hand is still sent or spooled; a replay would register anew
+            self._warn_once("meta", f"HttpSink cannot update {self.spool.meta_path}: {e!r}")
 
-    def _register(self) -> None:
-        r = self._post("/api/v1/runs", self.run_body)
-        if r.status_code != 201:
-            raise _Transient(f"run registration answered {r.status_code}: {r.text[:200]}")
-        body = r.json()
-        self.run_id, self._token = int(body["id"]), body["token"]
-        log.info("deltascope run %r registered as #%d at %s", self.run_name, self.run_id, self.url)
-
-    def _send(self, batch: dict[str, Any]) -> None:
-        """POST one batch; raises _Transient to spool, returns when acknowledged or rejected."""
-        if self.run_id is None:
-            self._register()
-        r = self._post(f"/api/v1/runs/{self.run_id}/stats", batch)
-        if r.status_code == 404:  # the server lost the run (a new database): register again
-            self.run_id = self._token = None
-            raise _Transient("run unknown to the server; registering again")
-        if r.status_code == 413 and len(batch["records"]) > 1:
-            half = len(batch["records"]) // 2
-            for suffix, part in (("a", batch["records"][:half]), ("b", batch["records"][half:])):
-                self._send({"batch_id": f"{batch['batch_id']}.{suffix}", "records": part})
-            return
+    def _answered(self, batch: dict[str, Any], r: httpx.Response) -> None:
         self._back_up()
         if r.status_code != 200:
             self.stats.rejected += len(batch["records"])
@@ -350,7 +414,25 @@ class HttpSink:
 
     def _finish(self) -> None:
         if self.spool.pending:
-            log.warning("HttpSink closing with %d batches undelivered in %s", self.spool.pending,
-                        self.spool.path)
+            log.warning("HttpSink closing with %d batches undelivered in %s: the next HttpSink on that "
+                        "spool directory sends them, or `deltascope flush-spool --dir %s`",
+                        self.spool.pending, self.spool.path, self.spool.path.parent)
+            self.spool.close()
         else:
             self.spool.remove()
+
+    def _replay_orphans(self) -> None:
+        # lazily: probes.spool_replay builds on RunClient (and stays out of a bare import of this module)
+        from probes.spool_replay import replay_orphans
+
+        def each(r: Any) -> None:
+            if not r.in_use:
+                self.recovered.append(r)
+                log.warning("HttpSink %s an orphan spool: %s", "recovered" if r.delivered else "could not finish",
+                            r.line())
+
+        try:
+            replay_orphans(self.spool.path.parent, timeout=self.timeout, stop=self._stop_replay.is_set,
+                           each=each)
+        except Exception as e:  # nothing escapes the thread
+            log.warning("HttpSink could not replay orphan spools in %s: %r", self.spool.path.parent, e)
