@@ -442,13 +442,17 @@ def _figures(c: dict[str, Any], out: Path) -> list[str]:
 
         fig = Figure(figsize=(max(5.0, 0.45 * len(keys) + 3), 2.4 * len(with_beta) + 0.6))
         axes = fig.subplots(len(with_beta), 1, squeeze=False)[:, 0]
-        colors = {"identity": "0.75", "projection": "C0", "reflection": "C3", "negative": "C1"}
+        colors = {"identity": "0.75", "projection": "C0", "reflection": "C3"}
         for ax, n in zip(axes, with_beta, strict=True):
             bottom = [0.0] * len(keys)
-            for g in REGIMES:
+            for g in ("identity", "projection", "reflection"):  # disjoint beta ranges: stacked
                 ys = [done[n]["layers"].get(k, {}).get(f"occ_{g}") or 0.0 for k in keys]
                 ax.bar(range(len(keys)), ys, bottom=bottom, color=colors[g], label=g)
                 bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
+            # beta > 1 overlaps projection and reflection: a marker per layer, not a stacked bar
+            neg = [done[n]["layers"].get(k, {}).get("occ_negative") or 0.0 for k in keys]
+            ax.plot(range(len(keys)), neg, ls="none", marker="_", ms=14, mew=2.5, color="C1",
+                    label="negative eigenvalue (beta > 1)")
             ax.set_ylim(0, 1.05)
             ax.set_ylabel("token fraction")
             ax.set_title(f"{n}: regime occupancy", fontsize=9)
