@@ -142,3 +142,32 @@ def test_tiny_experiment_runs_compares_and_resumes(cache, tmp_path):
     assert main([str(spec), "--out", str(out)]) == 0  # everything done: skipped, comparison rewritten
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     assert json.loads((out / "comparison.json").read_text())["variants"].keys() == c["variants"].keys()
+
+
+def test_gates_small_spec_covers_the_checklist_at_124m():
+    spec = load_spec("gates_small")
+    assert spec.preset == "small" and spec.seeds == [0, 1]
+    assert spec.overrides("beta_max_1") == {"beta_max": 1.0} and spec.overrides("additive") == {"residual": "additive"}
+    assert {"fixed_0", "fixed_1", "fixed_2", "paper_v", "dv4_cc", "learned"} <= set(spec.variants)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["beta_range", "--only", "beta_max_3"], "--only: no variant 'beta_max_3' in spec beta_range"),
+    (["beta_range", "--device", "cpu", "--devices", "cpu,cpu"], "--device or --devices"),
+])
+def test_only_and_devices_misuse_is_one_line(argv, needle, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+@pytest.mark.slow
+def test_two_workers_split_the_variants_and_one_comparison_covers_both(cache, tmp_path):
+    spec = write(tmp_path, TINY.replace("{db}", str(tmp_path / "mlflow.db")).replace('device = "cpu"\n', ""))
+    out = tmp_path / "exp"
+    assert main([str(spec), "--out", str(out), "--devices", "cpu,cpu"]) == 0
+    c = json.loads((out / "comparison.json").read_text())
+    for name in ("bmax2", "bmax1"):
+        assert c["variants"][name]["per_seed"]["0"]["steps"] == 4
+    assert main([str(spec), "--out", str(out), "--only", "bmax1"]) == 0  # done already: skipped, re-compared
