@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,13 @@ def _first_line(e: BaseException) -> str:
 
 
 def mlflow_client(tracking_uri: str) -> Any:
+    """A client for reading; a ``sqlite:///`` store that does not exist is an error, not a new
+    empty database created as a side effect of a typo."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise ReportError(f"no MLflow database at {db}; check --mlflow-uri (deltascope train writes "
+                              "sqlite:///<out parent>/mlflow.db)")
     from mlflow.tracking import MlflowClient  # heavy import (~3 s): only when asked
 
     return MlflowClient(tracking_uri=tracking_uri)

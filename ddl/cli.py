@@ -36,7 +36,7 @@ def _parse_set(items: list[str]) -> dict:
 def _validation_line(e: ValidationError) -> str:
     err = e.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "config"
-    return f"{where}: {err['msg']}"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

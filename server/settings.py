@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.thresholds import Thresholds
@@ -58,3 +58,21 @@ class Settings(BaseSettings):
     """uvicorn log level."""
     thresholds: Thresholds = Field(default_factory=Thresholds)
     """Detection thresholds until ``PUT /thresholds`` stores others in the database."""
+
+    @field_validator("db_url")
+    @classmethod
+    def _known_database(cls, v: str) -> str:
+        """A URL SQLAlchemy can load a dialect and driver for, so a typo is one line at start-up."""
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        hint = "use sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST/DB"
+        try:
+            make_url(v).get_dialect().import_dbapi()
+        except NoSuchModuleError:  # (a subclass of ArgumentError)
+            raise ValueError(f"unknown database kind {v.split(':', 1)[0]!r}; {hint}") from None
+        except ArgumentError:
+            raise ValueError(f"not a database URL; {hint}") from None
+        except ImportError as e:
+            raise ValueError(f"the driver for {v.split(':', 1)[0]!r} is not installed ({e.name}); {hint}") from None
+        return v

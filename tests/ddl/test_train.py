@@ -106,3 +106,20 @@ def test_cli_user_errors_are_one_line(args, needle, tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["serve", "--db", "bogus://x"], "db_url: unknown database kind 'bogus'"),
+    (["serve", "--db", "not a url"], "db_url: not a database URL"),
+    (["serve", "--port", "70000"], "port"),
+    (["report", "--mlflow-uri", "sqlite:///{tmp}/typo.db", "my-run"], "no MLflow database at"),
+    (["report", "--server", "http://127.0.0.1:9", "3"], "cannot reach the deltascope server"),
+    (["report", "{tmp}/no-such-run"], "no such run directory"),
+])
+def test_other_commands_answer_mistakes_in_one_line_and_change_nothing(args, needle, tmp_path):
+    before = set(tmp_path.iterdir())
+    r = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert set(tmp_path.iterdir()) == before  # no database or directory created by a typo
