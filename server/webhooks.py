@@ -23,6 +23,15 @@ log = logging.getLogger("deltascope.webhooks")
 MAX_BACKOFF_S = 60.0
 
 
+
+def redact(url: str) -> str:
+    """What a log line may show of a webhook URL: scheme, host and port. Incoming-webhook URLs
+    carry their secret in the path (Slack's /services/T.../B.../SECRET) or the query."""
+    u = httpx.URL(url)
+    port = f":{u.port}" if u.port else ""
+    tail = "/…" if u.path not in ("", "/") or u.query else ""
+    return f"{u.scheme}://{u.host}{port}{tail}"
+
 class WebhookWorker:
     def __init__(self, store: Store, timeout_s: float, max_attempts: int, backoff_s: float,
                  on_result: Callable[[str], None] | None = None) -> None:
@@ -78,23 +87,24 @@ class WebhookWorker:
             if r.status_code >= 300:
                 error = f"HTTP {r.status_code}"
         except httpx.HTTPError as e:
-            error = f"{type(e).__name__}: {e}"
+            error = f"{type(e).__name__}: {e}".replace(d.url, redact(d.url))
+        where = redact(d.url)
         if error is None:
             status, nxt = "delivered", utcnow()
             if d.url in self._failing:
                 self._failing.discard(d.url)
-                log.info("webhook %s delivers again", d.url)
+                log.info("webhook %s delivers again", where)
         elif attempts >= self.max_attempts:
             status, nxt = "failed", utcnow()
             log.warning("webhook %s: giving up on delivery %s after %d attempts (%s); "
-                        "the alert stays in the database", d.url, d.id, attempts, error)
+                        "the alert stays in the database", where, d.id, attempts, error)
         else:
             status = "pending"
             delay = min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempts - 1))
             nxt = utcnow() + timedelta(seconds=delay)
             if d.url not in self._failing:  # one warning per failing endpoint, not per try
                 self._failing.add(d.url)
-                log.warning("webhook %s failing (%s); retrying with backoff", d.url, error)
+                log.warning("webhook %s failing (%s); retrying with backoff", where, error)
         self.store.record_delivery(d.id, status, attempts, nxt, error)
         if self._on_result is not None:
             self._on_result(status)

@@ -4,6 +4,7 @@ and a dead endpoint never costs the alert."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server import Settings, create_app
+from server.webhooks import redact
 from tests.server.conftest import Run, batch
 
 
@@ -85,8 +87,9 @@ def test_firing_and_resolved_reach_the_webhook_after_retries(tmp_path, receiver)
     assert [d["attempts"] for d in deliveries] == [3, 1]
 
 
-def test_a_dead_webhook_fails_the_delivery_not_the_alert(tmp_path):
-    with app_with(tmp_path, ["http://127.0.0.1:9/nothing-listens"]) as c:
+def test_a_dead_webhook_fails_the_delivery_not_the_alert_and_logs_no_secret(tmp_path, caplog):
+    secret = "http://127.0.0.1:9/services/T0000/B0000/s3cr3tXYZ?token=abc"
+    with caplog.at_level(logging.INFO, "deltascope"), app_with(tmp_path, [secret]) as c:
         run = Run(c)
         r = run.post(batch("a", [1], nonfinite__mlp__1=1.0))
         assert r.status_code == 200
@@ -95,6 +98,18 @@ def test_a_dead_webhook_fails_the_delivery_not_the_alert(tmp_path):
         (d,) = store.deliveries()
         assert d["attempts"] == 4 and d["last_error"]
         assert run.get("/alerts", state="firing")["count"] == 1
+    lines = [r.getMessage() for r in caplog.records if "webhook" in r.getMessage()]
+    assert len(lines) == 2  # one "failing" warning for the endpoint, one "giving up" for the delivery
+    assert all("http://127.0.0.1:9/…" in m and "s3cr3t" not in m and "abc" not in m for m in lines), lines
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://hooks.slack.com/services/T1/B2/XYZ", "https://hooks.slack.com/…"),
+    ("https://user:pw@example.org:8443/?k=v", "https://example.org:8443/…"),
+    ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+])
+def test_webhook_urls_are_redacted_to_scheme_host_port(url, shown):
+    assert redact(url) == shown
 
 
 def test_silenced_alert_skips_the_webhook(tmp_path):
