@@ -1,5 +1,5 @@
 """deltascope experiment: specs validate to one-line errors, built-ins load, a tiny 2-variant
-experiment trains, compares and resumes."""
+experiment trains, compares and resumes; every built-in spec trains each variant at toy size."""
 
 from __future__ import annotations
 
@@ -171,3 +171,24 @@ def test_two_workers_split_the_variants_and_one_comparison_covers_both(cache, tm
     for name in ("bmax2", "bmax1"):
         assert c["variants"][name]["per_seed"]["0"]["steps"] == 4
     assert main([str(spec), "--out", str(out), "--only", "bmax1"]) == 0  # done already: skipped, re-compared
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUILTINS)
+def test_each_builtin_spec_trains_every_variant_at_toy_size(name, cache, tmp_path):
+    """The machinery behind each built-in spec, not its findings: every variant builds, trains two
+    steps with probes on and lands in the comparison."""
+    from ddl.experiment import run_experiment
+
+    spec = load_spec(name)
+    toy = spec.model_copy(update={"train": {
+        **spec.train, "batch_size": 2, "seq_len": 32, "vocab_size": 512, "warmup": 1, "eval_batches": 1,
+        "device": "cpu", "mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "overrides": {"n_layer": 2, "d_model": 64, "n_head": 2, "head_dim": 32}}})
+    c = run_experiment(toy, tmp_path / name, steps=2)
+    assert list(c["variants"]) == list(spec.variants)
+    for v, got in c["variants"].items():
+        assert got["seeds"] == [0] and got["per_seed"]["0"]["steps"] == 2, v
+        assert got["val_loss"] is not None, v
+        if spec.overrides(v).get("residual") != "additive":
+            assert got["layers"] and all(0 <= s["beta_p50"] <= 2 for s in got["layers"].values()), v
