@@ -172,6 +172,7 @@ class HttpSink(RunClient):
         self.retry_initial, self.retry_max = retry_initial, retry_max
         self.on_alert = on_alert
         self.stats = HttpSinkStats()
+        self._token_honoured = False
         self.health: dict[str, Any] = {"verdict": None, "firing": [], "step": None}
         """The server's verdict on the run and its firing alerts, as of the last answer."""
         self.recovered: list[Any] = []
@@ -388,6 +389,13 @@ class HttpSink(RunClient):
             self._warn_once("meta", f"HttpSink cannot update {self.spool.meta_path}: {e!r}")
 
     def _answered(self, batch: dict[str, Any], r: httpx.Response) -> None:
+        if r.status_code in (401, 403) and self._token_honoured:
+            # the server accepted this token before and now refuses it: it lost the run (a new
+            # database that reuses run ids). Registered again like after a 404, never dropped for
+            # that; a token refused from its first use is a real refusal (no registration loop).
+            self._token_honoured = False
+            self.run_id = self._token = None
+            raise _RunLost(f"HTTP {r.status_code} for a token the server honoured before; registering again")
         self._back_up()
         if r.status_code != 200:
             self.stats.rejected += len(batch["records"])
@@ -399,6 +407,7 @@ class HttpSink(RunClient):
                             "dropped (further refusals counted)")
             return
         body = r.json()
+        self._token_honoured = True
         self.stats.batches += 1
         if body.get("duplicate"):
             self.stats.duplicates += 1

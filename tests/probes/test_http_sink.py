@@ -162,6 +162,36 @@ def test_server_killed_mid_run_and_restarted(tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
+def test_a_server_back_with_a_new_database_and_the_run_id_taken_gets_the_run_again(tmp_path):
+    """The server restarts on an empty database and another job registers first, taking the run id
+    this sink had: its token now gets 403. The sink registers again instead of dropping batches."""
+    old = LiveServer(tmp_path).start()
+    sink = HttpSink(old.url, "moved", spool_dir=tmp_path / "spool", **FAST)
+    try:
+        for s in range(10):
+            sink.write(s, scalars(s))
+        sink.flush()
+        first_id = sink.run_id
+        assert sink.stats.written == 10
+        old.kill()
+        (tmp_path / "new").mkdir()
+        server = LiveServer(tmp_path / "new", port=old.port).start()
+        squatter_id, _ = server.register("squatter")
+        assert squatter_id == first_id
+        for s in range(10, 30):
+            sink.write(s, scalars(s))
+        sink.close()
+        assert sink.stats.rejected == 0 and sink.stats.written == 30 and sink.run_id != first_id
+        steps, _ = stored(server, sink.run_id)
+        assert steps == list(range(10, 30))  # nothing of it went to, or was refused for, the squatter
+        assert stored(server, squatter_id)[0] == []
+        server.stop()
+    finally:
+        sink.close()
+        old.stop()
+
+
 def test_a_lost_answer_is_replayed_as_a_duplicate(server, tmp_path, monkeypatch):
     sink = HttpSink(server.url, "lossy", spool_dir=tmp_path / "spool", **FAST)
     real = sink._post
