@@ -179,8 +179,12 @@ class Store:
     # -- ingest ---------------------------------------------------------------------------------
     def _intern(self, keys: set[str]) -> dict[str, int]:
         """Ids of metric keys, inserting the new ones in their own short transaction (key ids are
-        global and immutable, so the cache never goes stale and a failed ingest leaks nothing)."""
-        missing = [k for k in keys if k not in self._key_ids]
+        global and immutable, so the cache never goes stale and a failed ingest leaks nothing).
+
+        Sorted: on PostgreSQL concurrent interns take no process lock, and two inserts that meet
+        the same new keys in different orders wait on each other's unique-index entries, a
+        deadlock; in one global order the later one just waits for the earlier's commit."""
+        missing = sorted(k for k in keys if k not in self._key_ids)
         if missing:
             ins = self._insert(T.stat_keys)
             if self._sqlite or self.dialect == "postgresql":

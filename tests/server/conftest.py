@@ -1,8 +1,10 @@
 """Server test fixtures: an app on a real SQLite file, its TestClient, registered runs, and
-records shaped like a probe's (healthy, or with chosen stats forced)."""
+records shaped like a probe's (healthy, or with chosen stats forced); a throwaway PostgreSQL
+cluster for the session (tests/server/pg.py) with a fresh database per test."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from server import Settings, create_app
 from server.catalogue import key
+from tests.server import pg
 
 ADMIN = "admin-secret-token"
 LAYERS = 2
@@ -76,3 +79,23 @@ class Run:
 @pytest.fixture
 def run(client) -> Run:
     return Run(client, config={"preset": "tiny", "lr": 3e-4}, tags={"ablation": "none"})
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pg.PgCluster]:
+    """A PostgreSQL server of Debian's packages in a temporary directory, for this session (one per
+    xdist worker that asks); skips with the reason when PostgreSQL is not installed."""
+    reason = pg.missing()
+    if reason is not None:
+        pytest.skip(reason)
+    with pg.PgCluster() as cluster:
+        yield cluster
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """The SQLAlchemy URL of a new, empty database in the session's cluster."""
+    return pg_cluster.create_database(f"test_{next(_databases)}")
