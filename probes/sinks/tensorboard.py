@@ -8,6 +8,7 @@ which dashboards reuse, and written once, at the first write that names the site
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -65,6 +66,10 @@ def histogram_raw(h: Histogram) -> dict[str, Any] | None:
 
 
 class TensorBoardSink(ThreadedSink):
+    """A failed write (an unwritable logdir, a full disk) discards the SummaryWriter: its own
+    writer thread keeps the first error and raises it on every later call, so a retry starts a
+    fresh event file instead."""
+
     def __init__(self, logdir: str | os.PathLike[str], queue_size: int = 1024) -> None:
         self.logdir = str(logdir)
         self._writer: Any = None
@@ -79,22 +84,36 @@ class TensorBoardSink(ThreadedSink):
         return self._writer
 
     def _write(self, step: int, scalars: dict[str, float], hists: dict[str, Histogram]) -> None:
-        w = self._w()
-        if not self._layout_written:
-            sites = {(p[1], p[2]) for k in scalars if (p := parse_key(k)) is not None}
-            if sites:
-                w.add_custom_scalars(custom_scalars_layout(sites))
-                self._layout_written = True
-        for k, v in scalars.items():
-            w.add_scalar(k, float(v), step)
-        for k, h in hists.items():
-            args = histogram_raw(h)
-            if args is not None:
-                w.add_histogram_raw(k, global_step=step, **args)
+        try:
+            w = self._w()
+            if not self._layout_written:
+                sites = {(p[1], p[2]) for k in scalars if (p := parse_key(k)) is not None}
+                if sites:
+                    w.add_custom_scalars(custom_scalars_layout(sites))
+                    self._layout_written = True
+            for k, v in scalars.items():
+                w.add_scalar(k, float(v), step)
+            for k, h in hists.items():
+                args = histogram_raw(h)
+                if args is not None:
+                    w.add_histogram_raw(k, global_step=step, **args)
+        except Exception:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        w, self._writer = self._writer, None
+        if w is not None:
+            with contextlib.suppress(Exception):  # best effort: the write's own error is what counts
+                w.close()
 
     def _flush(self) -> None:
         if self._writer is not None:
-            self._writer.flush()
+            try:
+                self._writer.flush()
+            except Exception:
+                self._discard()
+                raise
 
     def _close(self) -> None:
         if self._writer is not None:
