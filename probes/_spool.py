@@ -22,6 +22,7 @@ line torn by a crash mid-append. ``probes.spool_replay`` sends orphans. Torch-fr
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -177,7 +178,8 @@ class Spool:
                     view = view[os.write(fd, view):]
                 os.fsync(fd)  # one fsync per batch: the spool's durability point
             except OSError:
-                os.ftruncate(fd, start)  # a half-written line (disk full) would swallow the next one
+                with contextlib.suppress(OSError):  # keep the first error (ENOSPC), not the cleanup's
+                    os.ftruncate(fd, start)  # a half-written line (disk full) would swallow the next one
                 raise
         finally:
             os.close(fd)

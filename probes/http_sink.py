@@ -211,13 +211,12 @@ class HttpSink(RunClient):
             return
         try:
             self._q.put_nowait((step, dict(scalars), dict(hists or {})))
-            self._full_warned = False
-        except queue.Full:
+        except queue.Full:  # warned once per sink: a stalled server fills it on every retry
             self.stats.dropped += 1
             if not self._full_warned:
                 self._full_warned = True
-                log.warning("HttpSink queue full (%d records): dropping records until it drains",
-                            self._q.maxsize)
+                log.warning("HttpSink queue full (%d records): dropping records while it is full "
+                            "(counted in stats.dropped; warned once)", self._q.maxsize)
 
     def flush(self, timeout: float | None = None) -> None:
         """Hand everything written so far to the server, or to the spool if it is down; waits up to
@@ -230,12 +229,15 @@ class HttpSink(RunClient):
         if self._closed:
             return
         self._closed = True
-        self._marker(_Flush(stop=True), timeout)
-        self._thread.join(timeout or self.timeout * 3)
-        if self._replayer is not None:  # stops between two batches; what is left stays for later
-            self._stop_replay.set()
-            self._replayer.join(self.timeout)
-        self._client.close()
+        wait = timeout if timeout is not None else self.timeout * 3
+        deadline = time.monotonic() + wait
+        self._stop_replay.set()  # the replayer stops between two batches; what is left stays for later
+        self._marker(_Flush(stop=True), wait)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._replayer is not None:
+            self._replayer.join(max(0.0, deadline - time.monotonic()))
+        if not self._thread.is_alive():  # else it is mid-request: closing its client under it would
+            self._client.close()          # only turn a timeout into a confusing RuntimeError
 
     def __enter__(self) -> HttpSink:
         return self
@@ -341,7 +343,15 @@ class HttpSink(RunClient):
                 return
             except _Transient as e:
                 self._outage(e)
-        self.spool.append(batch)
+        try:
+            self.spool.append(batch)
+        except OSError as e:  # disk full, unwritable: the batch is lost; say so once and count it
+            self.stats.dropped += len(records)
+            self.stats.errors += 1
+            self.stats.last_error = f"spool: {e!r}"
+            self._warn_once("spool", f"HttpSink cannot spool to {self.spool.path} ({e!r}): dropping batches "
+                            "until the server answers again (counted in stats.dropped)")
+            return
         self.stats.spooled += 1
         self.stats.pending = self.spool.pending
 
