@@ -36,6 +36,11 @@ from server.thresholds import Thresholds
 
 log = logging.getLogger("deltascope.store")
 
+_PG_UPSERT_STATS = (
+    "INSERT INTO stats (run_id, key_id, step, value) "
+    "SELECT %(run_id)s, u.k, u.s, u.v FROM unnest(%(keys)s::int[], %(steps)s::bigint[], %(values)s::float8[]) "
+    "AS u(k, s, v) ON CONFLICT (run_id, key_id, step) DO UPDATE SET value = excluded.value"
+)
 _SQLITE_UPSERT_STATS = (
     "INSERT INTO stats (run_id, key_id, step, value) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (run_id, key_id, step) DO UPDATE SET value = excluded.value"
@@ -240,6 +245,13 @@ class Store:
         for r in records:  # PostgreSQL refuses to upsert one row twice in a statement
             for k, v in r.scalars.items():
                 points[(ids[k], r.step)] = v
+        if self.dialect == "postgresql":
+            # one statement over three arrays instead of one upsert per point: a batch's hundreds
+            # of points cost one round trip (2.7x the SQLite time per batch otherwise)
+            conn.exec_driver_sql(_PG_UPSERT_STATS, {
+                "run_id": run_id, "keys": [k for k, _ in points], "steps": [s for _, s in points],
+                "values": list(points.values())})
+            return
         conn.execute(self._upsert(T.stats, ["run_id", "key_id", "step"], ["value"]),
                      [{"run_id": run_id, "key_id": kid, "step": step, "value": v}
                       for (kid, step), v in points.items()])

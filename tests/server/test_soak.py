@@ -231,3 +231,22 @@ def test_concurrent_first_batches_with_different_keys_do_not_deadlock_on_postgre
             t.join(60)
         engine.dispose()
     assert failures == []
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_a_step_sent_again_under_a_new_batch_id_keeps_the_last_value(db, request, tmp_path):
+    """The points upsert of each dialect (PostgreSQL: one statement over arrays): a step repeated
+    inside a batch and across batches is stored once, with its last value."""
+    from fastapi.testclient import TestClient
+
+    from server import Settings, create_app
+    from tests.server.conftest import Run
+
+    url = request.getfixturevalue("pg_url") if db == "postgresql" else f"sqlite:///{tmp_path / 'u.db'}"
+    with TestClient(create_app(Settings(db_url=url))) as c:
+        run = Run(c, "upsert")
+        rec = lambda step, v: {"step": step, "scalars": {"loss": v, "beta_p50/attn/L00": v / 10}}  # noqa: E731
+        assert run.post({"batch_id": "a", "records": [rec(1, 1.0), rec(2, 2.0), rec(2, 2.5)]}).status_code == 200
+        assert run.post({"batch_id": "b", "records": [rec(2, 3.0), rec(3, 4.0)]}).status_code == 200
+        h = run.get("/history", stat="beta_p50", site="attn", layer=0)
+        assert [(p["step"], p["value"]) for p in h["points"]] == [(1, 0.1), (2, 0.3), (3, 0.4)]
