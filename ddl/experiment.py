@@ -6,9 +6,9 @@ are model fields every variant shares) and ``[variants.NAME]`` tables of DDLConf
 Runs go one after another into OUT/VARIANT-seedS, or with ``--devices cuda:0,cuda:1`` one worker
 process per listed device (a device may be listed twice to share it); a run whose summary.json
 exists is skipped, so a second invocation resumes. ``--only`` restricts a call to some variants.
-OUT/comparison.md and OUT/comparison.json hold per-variant
-losses, throughput, alert counts by rule, and per-layer final beta medians and regime occupancy;
-the figures sit beside them.
+OUT/comparison.md and OUT/comparison.json hold per-variant losses, throughput, alert counts by
+rule, per-layer final beta medians and regime occupancy, and beta, ||h|| and k-cosine per layer
+over training; the figures sit beside them.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 log = logging.getLogger(__name__)
 
 REGIMES = ("identity", "projection", "reflection", "negative")
+SERIES = ("beta_p50", "h_norm_drift", "k_cos_step")
+"""Per-layer stats the comparison keeps over training (mean over seeds at the steps all share)."""
 MANAGED = ("preset", "out", "max_steps", "seed", "every", "probes", "resume")
 """TrainConfig fields the experiment sets itself; a spec's ``train`` table may not name them."""
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -267,7 +269,7 @@ def _layer_order(key: str) -> tuple[int, str]:
 
 def read_run(rd: Path) -> dict[str, Any] | None:
     """One finished run: summary numbers, alert counts by rule, final per-layer beta/regimes,
-    and h_norm_drift / k_cos_step series per layer."""
+    and beta_p50 / h_norm_drift / k_cos_step series per layer."""
     sp = rd / "summary.json"
     if not sp.is_file():
         return None
@@ -286,7 +288,7 @@ def read_run(rd: Path) -> dict[str, Any] | None:
             stat = m["stat"]
             if stat == "beta_p50" or stat.startswith("occ_") and stat[4:] in REGIMES:
                 final.setdefault(_layer_key(m["site"], int(m["layer"])), {})[stat] = _num(v)
-    series: dict[str, dict[str, dict[int, float]]] = {"h_norm_drift": {}, "k_cos_step": {}}
+    series: dict[str, dict[str, dict[int, float]]] = {s: {} for s in SERIES}
     for r in rows:
         for k, v in r.items():
             m = _SITE_KEY.match(k)
@@ -323,7 +325,7 @@ def compare(spec: Spec, out: Path) -> dict[str, Any]:
             layers[key] = {st: _mean([r["final"].get(key, {}).get(st) for r in runs.values()]) for st in stats}
         series = {stat: {key: _mean_series([r["series"][stat][key] for r in runs.values() if key in r["series"][stat]])
                          for key in sorted({k for r in runs.values() for k in r["series"][stat]}, key=_layer_order)}
-                  for stat in ("h_norm_drift", "k_cos_step")}
+                  for stat in SERIES}
         variants[v] = {
             "overrides": spec.overrides(v), "seeds": sorted(runs),
             "missing": [s for s in spec.seeds if s not in runs],
@@ -399,7 +401,8 @@ def _figures(c: dict[str, Any], out: Path) -> list[str]:
 
     def save(fig: Figure, fname: str) -> None:
         FigureCanvasAgg(fig)
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:
+            fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         files.append(fname)
 
@@ -459,6 +462,24 @@ def _figures(c: dict[str, Any], out: Path) -> list[str]:
             ax.set_xticks(range(len(keys)), keys, rotation=60, ha="right", fontsize=7)
         axes[0].legend(fontsize=7, ncol=4, loc="upper right")
         save(fig, "regime_occupancy.png")
+
+    with_beta_series = [n for n in names if done[n]["series"]["beta_p50"]]
+    if with_beta_series:  # beta median per layer over training: blue identity, white projection, red reflection
+        n_rows = max(len(done[n]["series"]["beta_p50"]) for n in with_beta_series)
+        fig = Figure(figsize=(3.6 * len(with_beta_series) + 1.6, 0.2 * n_rows + 1.6), layout="constrained")
+        axes = fig.subplots(1, len(with_beta_series), squeeze=False)[0]
+        for j, n in enumerate(with_beta_series):
+            d = done[n]["series"]["beta_p50"]
+            rows = sorted(d, key=_layer_order)
+            steps = sorted({int(t) for ser in d.values() for t in ser})
+            grid = [[d[k].get(str(t), math.nan) for t in steps] for k in rows]
+            im = axes[j].imshow(grid, aspect="auto", cmap="coolwarm", vmin=0.0, vmax=2.0, interpolation="nearest",
+                                extent=(steps[0] - 0.5, steps[-1] + 0.5, len(rows) - 0.5, -0.5))
+            axes[j].set_yticks(range(len(rows)), rows if j == 0 else [""] * len(rows), fontsize=6)
+            axes[j].set_title(n, fontsize=9)
+            axes[j].set_xlabel("step")
+        fig.colorbar(im, ax=list(axes), label="beta median (0 identity, 1 projection, 2 reflection)", shrink=0.9)
+        save(fig, "beta_over_training.png")
 
     with_series = [n for n in names if any(done[n]["series"][s] for s in ("h_norm_drift", "k_cos_step"))]
     if with_series:

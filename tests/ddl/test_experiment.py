@@ -135,7 +135,8 @@ def test_tiny_experiment_runs_compares_and_resumes(cache, tmp_path):
         assert (out / f"{name}-seed0" / "report" / "report.html").is_file()
     md = (out / "comparison.md").read_text()
     assert "bmax2" in md and "bmax1" in md and "beta_max=1.0" in md
-    for fig in ("val_loss.png", "beta_per_layer.png", "regime_occupancy.png", "direction_stability.png"):
+    for fig in ("val_loss.png", "beta_per_layer.png", "beta_over_training.png", "regime_occupancy.png",
+                "direction_stability.png"):
         assert fig in c["figures"] and (out / fig).stat().st_size > 1000, fig
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*-seed0/summary.json")}
     assert len(mtimes) == 2
