@@ -1,7 +1,9 @@
-"""The schema comes from the packaged Alembic migrations, and re-running them is a no-op."""
+"""The schema comes from the packaged Alembic migrations, on SQLite and on PostgreSQL, and
+re-running them is a no-op."""
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 from alembic.config import Config
 from alembic.script import ScriptDirectory
@@ -10,19 +12,24 @@ from server import tables
 from server.db import MIGRATIONS, make_engine, migrate
 
 
-def test_migrate_creates_every_table_and_is_idempotent(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path}/m.db")
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_migrate_creates_every_table_and_is_idempotent(db, request, tmp_path):
+    url = request.getfixturevalue("pg_url") if db == "postgresql" else f"sqlite:///{tmp_path}/m.db"
+    engine = make_engine(url)
     migrate(engine)
     migrate(engine)
     insp = sa.inspect(engine)
     assert set(insp.get_table_names()) == set(tables.metadata.tables) | {"alembic_version"}
     for name, table in tables.metadata.tables.items():
         assert {c["name"] for c in insp.get_columns(name)} == set(table.columns.keys()), name
+        assert set(insp.get_pk_constraint(name)["constrained_columns"]) == {
+            c.name for c in table.primary_key.columns}, name
     head = ScriptDirectory.from_config(_cfg()).get_current_head()
     with engine.connect() as c:
         assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == head
-        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: commit == on disk
+        if db == "sqlite":
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: commit == on disk
     engine.dispose()
 
 

@@ -21,11 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 
-from server import tables
-from server.db import MIGRATIONS, make_engine, migrate
+from server.db import make_engine, migrate
 from tests.server.live import ROOT, LiveServer
 
 
@@ -142,26 +139,6 @@ def test_sigkill_under_load_loses_no_acknowledged_record(live):
                        headers={**j.headers, "content-type": "application/json"})
             assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
             assert c.get(f"/api/v1/runs/{j.run_id}").json()["last_step"] == nxt
-
-
-def test_migrations_build_the_same_schema_on_postgresql(pg_url):
-    """What the servers above run first, on PostgreSQL: every table and column, at head, and a
-    second run is a no-op."""
-    engine = make_engine(pg_url)
-    migrate(engine)
-    migrate(engine)
-    insp = sa.inspect(engine)
-    assert set(insp.get_table_names()) == set(tables.metadata.tables) | {"alembic_version"}
-    for name, table in tables.metadata.tables.items():
-        assert {c["name"] for c in insp.get_columns(name)} == set(table.columns.keys()), name
-        assert set(insp.get_pk_constraint(name)["constrained_columns"]) == {
-            c.name for c in table.primary_key.columns}, name
-    cfg = Config(str(MIGRATIONS / "alembic.ini"))
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.connect() as c:
-        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == \
-            ScriptDirectory.from_config(cfg).get_current_head()
-    engine.dispose()
 
 
 def test_pg_helper_leaves_nothing_behind():
