@@ -29,7 +29,7 @@ def render_all(interval_s: int = INTERVAL_S, target: str = "deltascope:8765",
         "grafana/provisioning/datasources/deltascope.yml": grafana.datasource_provisioning(prometheus_url, interval_s),
         "grafana/provisioning/dashboards/deltascope.yml": grafana.dashboard_provisioning(),
         "prometheus/prometheus.yml": prometheus.dump(prometheus.scrape_config(interval_s, target)),
-        "prometheus/alerts.yml": prometheus.dump(prometheus.alert_rules(th, interval_s, beta_max)),
+        "prometheus/alerts.yml": prometheus.dump(prometheus.alert_rules(th, interval_s)),
     }
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="deltascope:8765", help="host:port of the deltascope server to scrape")
     p.add_argument("--prometheus-url", default="http://prometheus:9090", help="Prometheus URL for Grafana")
     p.add_argument("--beta-max", type=float, default=2.0,
-                   help="beta range the saturation rule and the β panels assume (default 2.0)")
+                   help="beta range of the Grafana dashboard's β panels (default 2.0; alerts use each run's own)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the files differ")
     a = p.parse_args(argv)
     if a.interval < 1:

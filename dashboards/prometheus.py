@@ -70,7 +70,12 @@ def _simple(stat: str, op: str, fire: tuple[str, float], clear: tuple[str, float
     return Condition(_cmp(stat, op, fire[1]), _cmp(stat, op, clear[1]), (stat,), dict([fire, clear]))
 
 
-def _conditions(th: Thresholds, beta_max: float) -> dict[str, Callable[[Rule], Condition]]:
+def below_ceiling(stat: str, margin: float) -> str:
+    """``stat > beta_max - margin`` with each run's beta_max (the ``run_beta_max`` gauge)."""
+    return f"{metric(stat)} > on(run, run_name) group_left() ({PREFIX}run_beta_max - {num(margin)})"
+
+
+def _conditions(th: Thresholds) -> dict[str, Callable[[Rule], Condition]]:
     t = th
     drift, cdrift = t.k_norm_drift_factor, t.k_norm_drift_clear_factor
 
@@ -84,9 +89,10 @@ def _conditions(th: Thresholds, beta_max: float) -> dict[str, Callable[[Rule], C
     return {
         "beta_collapse": lambda r: _simple(r.stat, "<", ("collapse_beta", t.collapse_beta),
                                            ("collapse_clear_beta", t.collapse_clear_beta)),
+        # against each run's own ceiling (beta_max 1 saturates near 1, not near 2)
         "beta_saturation": lambda r: Condition(
-            _cmp(r.stat, ">", beta_max - t.saturation_margin), _cmp(r.stat, ">", beta_max - t.saturation_clear_margin),
-            (r.stat,), {"beta_max": beta_max, "saturation_margin": t.saturation_margin,
+            below_ceiling(r.stat, t.saturation_margin), below_ceiling(r.stat, t.saturation_clear_margin),
+            (r.stat,), {"saturation_margin": t.saturation_margin,
                         "saturation_clear_margin": t.saturation_clear_margin}),
         "gate_logit_saturation": lambda r: _simple(
             r.stat, ">", ("logit_saturated_fraction", t.logit_saturated_fraction),
@@ -110,19 +116,19 @@ def _conditions(th: Thresholds, beta_max: float) -> dict[str, Callable[[Rule], C
     }
 
 
-def rule_condition(rule: Rule, th: Thresholds, beta_max: float = 2.0) -> Condition:
-    conds = _conditions(th, beta_max)
+def rule_condition(rule: Rule, th: Thresholds) -> Condition:
+    conds = _conditions(th)
     if rule.name not in conds:
         raise KeyError(f"rule {rule.name!r} has no Prometheus translation: add one in dashboards/prometheus.py")
     return conds[rule.name](rule)
 
 
-def alert_rules(th: Thresholds | None = None, interval_s: int = 15, beta_max: float = 2.0) -> dict[str, Any]:
+def alert_rules(th: Thresholds | None = None, interval_s: int = 15) -> dict[str, Any]:
     """The alerting rules file (as a dict), one rule per detection rule, in the detector's order."""
     th = th or Thresholds()
     rules = []
     for rule in RULES:
-        c = rule_condition(rule, th, beta_max)
+        c = rule_condition(rule, th)
         expr = f"({c.fire})"
         if c.hold is not None:
             expr += (f"\nor\n(({c.hold}) and on({MATCH}) "

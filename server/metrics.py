@@ -48,6 +48,9 @@ class StatsCollector(Collector):
         healthy = GaugeMetricFamily(PREFIX + "run_verdict",
                                     "Run verdict: 0 healthy, 1 warning, 2 failing",
                                     labels=["run", "run_name"])
+        beta_max = GaugeMetricFamily(PREFIX + "run_beta_max",
+                                     "The run's gate ceiling (beta in (0, beta_max)); saturation alerts compare to it",
+                                     labels=["run", "run_name"])
         names: dict[int, str] = {}
         for run in runs:
             rid, name = str(run.id), run.name
@@ -55,6 +58,7 @@ class StatsCollector(Collector):
             if run.last_step is not None:
                 last.add_metric([rid, name], run.last_step)
             healthy.add_metric([rid, name], {"healthy": 0, "warning": 1, "failing": 2}[run.verdict])
+            beta_max.add_metric([rid, name], run.beta_max)
             for key, (_step, value) in (run.latest or {}).items():
                 fam = _family(key)
                 if fam is None:
@@ -72,6 +76,7 @@ class StatsCollector(Collector):
             alerts.add_metric([str(run_id), names.get(run_id, ""), rule, severity], n)
         yield last
         yield healthy
+        yield beta_max
         yield alerts
         yield from fams.values()
 

@@ -363,7 +363,7 @@ class Store:
         """Every run's latest values, and firing alert counts by (run, rule, severity)."""
         r, a = T.runs.c, T.alerts.c
         with self.engine.connect() as conn:
-            runs = conn.execute(sa.select(r.id, r.name, r.last_step, r.verdict, r.latest)).all()
+            runs = conn.execute(sa.select(r.id, r.name, r.last_step, r.verdict, r.beta_max, r.latest)).all()
             firing = conn.execute(sa.select(a.run_id, a.rule, a.severity, sa.func.count())
                                   .where(a.state == "firing")
                                   .group_by(a.run_id, a.rule, a.severity)).all()

@@ -59,8 +59,8 @@ def test_alert_rules_parse_and_mirror_every_detector_rule() -> None:
         assert r["labels"] == {"severity": str(rule.severity), "rule": rule.name}
         evals = th.nonfinite_for_evals if rule.name == "nonfinite" else th.for_evals
         assert r["for"] == f"{(evals - 1) * 15}s"
-        for name in re.findall(r"deltascope_\w+", r["expr"]):
-            assert name.removeprefix(PREFIX) in BY_NAME, name
+        for name in re.findall(r"deltascope_\w+", r["expr"]):  # catalogue stats, or the run's own gauges
+            assert name.removeprefix(PREFIX) in BY_NAME or name == PREFIX + "run_beta_max", name
         assert r["expr"].count("(") == r["expr"].count(")")
 
 
@@ -94,6 +94,11 @@ def test_each_expression_carries_the_detectors_thresholds(th: Thresholds, interv
         assert metric(stat) in r["expr"], (rule.name, stat)
         if rule.name == "nonfinite":
             assert r["expr"] == f"({metric(stat)} != 0)" and "keep_firing_for" not in r
+            continue
+        if rule.name == "beta_saturation":  # against each run's beta_max: the margins, not 2 - margin
+            for t in (th.saturation_margin, th.saturation_clear_margin):
+                assert f"group_left() (deltascope_run_beta_max - {num(t)})" in r["expr"], r["expr"]
+            assert num(fired.threshold) == num(2.0 - th.saturation_margin)
             continue
         assert f" {num(fired.threshold)}" in r["expr"], (rule.name, fired.threshold, r["expr"])
         assert f" {num(cleared.threshold)}" in r["expr"], (rule.name, cleared.threshold, r["expr"])

@@ -49,3 +49,13 @@ def test_two_runs_share_families(client):
     b.post(batch("x", [1]))
     runs = {s.labels["run"] for s in families(client)["deltascope_beta_mean"].samples}
     assert runs == {str(a.id), str(b.id)}
+
+
+def test_each_runs_beta_max_is_a_gauge_for_the_saturation_rule(client):
+    """beta_saturation in Prometheus compares to each run's ceiling: a beta_max 1 run saturates
+    near 1 (docs/EXPERIMENTS.md: every layer of such a run does)."""
+    Run(client, "wide")
+    Run(client, "capped", beta_max=1.0)
+    fams = families(client)
+    ceil = {s.labels["run_name"]: s.value for s in fams["deltascope_run_beta_max"].samples}
+    assert ceil == {"wide": 2.0, "capped": 1.0}
