@@ -90,9 +90,10 @@ class RunClient:
     """One run on one deltascope server, as a writer sees it: registers the run on first use (and
     again after the server lost it), POSTs batches with their ids, splits one over the body limit.
 
-    Transport failures and overload raise ``_Transient`` (``_RunLost`` after a 404); every
-    acknowledged or refused (sub)batch goes to ``_answered``. Subclasses: ``HttpSink`` and
-    ``probes.spool_replay``'s replayer."""
+    Transport failures and overload raise ``_Transient`` (``_RunLost`` after a 404, or after a 401/403
+    for a token the server honoured before or that was recorded on disk: a new database reusing run
+    ids); every acknowledged or refused (sub)batch goes to ``_answered``. Subclasses: ``HttpSink``
+    and ``probes.spool_replay``'s replayer."""
 
     def __init__(self, url: str, run_body: dict[str, Any], timeout: float, run_id: int | None = None,
                  token: str | None = None) -> None:
@@ -100,6 +101,10 @@ class RunClient:
         self.run_body = run_body
         self.run_id = run_id
         self._token = token
+        self._token_trusted = token is not None
+        """The token was acknowledged before (or recorded with the spool): a refusal of it means the
+        run was lost, not that the token is wrong. A fresh token refused from its first use is a real
+        refusal, so there is no registration loop."""
         self._client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)))
 
     def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
@@ -120,6 +125,7 @@ class RunClient:
             raise _Transient(f"run registration answered {r.status_code}: {r.text[:200]}")
         body = r.json()
         self.run_id, self._token = int(body["id"]), body["token"]
+        self._token_trusted = False
         log.info("deltascope run %r registered as #%d at %s", self.run_body["name"], self.run_id, self.url)
         self._registered()
 
@@ -131,9 +137,14 @@ class RunClient:
         if self.run_id is None:
             self._register()
         r = self._post(f"/api/v1/runs/{self.run_id}/stats", batch)
-        if r.status_code == 404:  # the server lost the run (a new database): register again
+        if r.status_code == 404 or (r.status_code in (401, 403) and self._token_trusted):
+            # the server lost the run (a new database, perhaps reusing its id): register again
             self.run_id = self._token = None
-            raise _RunLost("run unknown to the server; registering again")
+            self._token_trusted = False
+            raise _RunLost(f"HTTP {r.status_code}: run unknown to the server or its token no longer "
+                           "honoured; registering again")
+        if r.status_code == 200:
+            self._token_trusted = True
         if r.status_code == 413 and len(batch["records"]) > 1:
             half = len(batch["records"]) // 2
             for suffix, part in (("a", batch["records"][:half]), ("b", batch["records"][half:])):
@@ -172,7 +183,6 @@ class HttpSink(RunClient):
         self.retry_initial, self.retry_max = retry_initial, retry_max
         self.on_alert = on_alert
         self.stats = HttpSinkStats()
-        self._token_honoured = False
         self.health: dict[str, Any] = {"verdict": None, "firing": [], "step": None}
         """The server's verdict on the run and its firing alerts, as of the last answer."""
         self.recovered: list[Any] = []
@@ -399,13 +409,6 @@ class HttpSink(RunClient):
             self._warn_once("meta", f"HttpSink cannot update {self.spool.meta_path}: {e!r}")
 
     def _answered(self, batch: dict[str, Any], r: httpx.Response) -> None:
-        if r.status_code in (401, 403) and self._token_honoured:
-            # the server accepted this token before and now refuses it: it lost the run (a new
-            # database that reuses run ids). Registered again like after a 404, never dropped for
-            # that; a token refused from its first use is a real refusal (no registration loop).
-            self._token_honoured = False
-            self.run_id = self._token = None
-            raise _RunLost(f"HTTP {r.status_code} for a token the server honoured before; registering again")
         self._back_up()
         if r.status_code != 200:
             self.stats.rejected += len(batch["records"])
@@ -417,7 +420,6 @@ class HttpSink(RunClient):
                             "dropped (further refusals counted)")
             return
         body = r.json()
-        self._token_honoured = True
         self.stats.batches += 1
         if body.get("duplicate"):
             self.stats.duplicates += 1

@@ -5,12 +5,12 @@ A spool is an orphan when its lock can be taken (``probes._spool``). Its metadat
 and which run; its batches go oldest first with their original ids, so one the server already
 stored (the answer was lost, or the cursor was) comes back ``duplicate`` and nothing is stored
 twice or skipped. A run that never registered is registered with the recorded body, one the server
-lost (404) is registered again, and the new id and token are written back before any batch goes to
-it, so a replay cut short goes on with the same run next time. The first transient failure stops
-that spool and leaves it intact; a fully delivered spool is removed (batches, cursor, metadata,
-lock). Used by ``HttpSink`` when it starts (on a thread of its own) and by ``deltascope
-flush-spool``. Torch-free. The write token never leaves the metadata file: not logged, not in a
-summary.
+lost (404, or 401/403 for the recorded token) is registered again, and the new id and token are
+written back before any batch goes to it, so a replay cut short goes on with the same run next
+time. The first transient failure stops that spool and leaves it intact; a fully delivered spool
+is removed (batches, cursor, metadata, lock). Used by ``HttpSink`` when it starts (on a thread
+of its own) and by ``deltascope flush-spool``. Torch-free. The write token never leaves the
+metadata file: not logged, not in a summary.
 """
 
 from __future__ import annotations
@@ -87,11 +87,6 @@ class _Replayer(RunClient):
         self.out.run_id = self.run_id
 
     def _answered(self, batch: dict[str, Any], r: httpx.Response) -> None:
-        if r.status_code in (401, 403) and self.meta.get("token") is not None:
-            # a token from disk the server no longer honours: it lost the run (a new database that
-            # reuses run ids). Registered again like after a 404, never dropped for that.
-            self.run_id = self._token = None
-            raise _RunLost(f"HTTP {r.status_code} with the recorded token; registering again")
         if r.status_code == 200:
             self.out.sent += 1
             self.out.duplicates += bool(r.json().get("duplicate"))
