@@ -17,7 +17,7 @@ from probes._spool import Spool
 from probes.http_sink import HttpSink, _Transient
 from probes.sink import Histogram, Sink
 from server.catalogue import BETA_BINS, key
-from tests.server.live import LiveServer, free_port
+from tests.server.live import LiveServer, free_port, wait_for
 
 FAST = {"batch_size": 4, "flush_interval": 0.05, "retry_initial": 0.05, "retry_max": 0.3,
         "timeout": 5.0}
@@ -51,15 +51,6 @@ def network_threads(sink: HttpSink) -> set[int]:
 
     sink._post = post
     return seen
-
-
-def wait_for(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def stored(server: LiveServer, run_id: int) -> tuple[list[int], list[tuple[str, int, int]]]:

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from probes.sinks import FanoutSink, JsonlSink, MemorySink, MLflowSink, TensorBo
 from probes.sinks._base import ThreadedSink
 from probes.sinks.tensorboard import custom_scalars_layout
 from server.catalogue import BETA_BINS, H_NORM_BINS, H_NORM_LOG10_RANGE, key
+from tests.server.live import wait_for
 
 # MLflow's sqlite store trips SQLAlchemy 2.1's deprecation of ``noload`` on its writer thread;
 # warnings are errors here and a failed mapper set-up stays failed for the whole process.
@@ -244,9 +244,7 @@ def test_jsonl_lines_are_on_disk_once_acknowledged(tmp_path):
     sink = JsonlSink(tmp_path / "s.jsonl")
     for s in STEPS:
         sink.write(s, _scalars(s) | {"bad": float("nan")}, _hists(s))
-    deadline = time.monotonic() + 10
-    while sink.stats.written < len(STEPS) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_for(lambda: sink.stats.written == len(STEPS))
     lines = (tmp_path / "s.jsonl").read_text().splitlines()
     assert len(lines) == len(STEPS)
     assert json.loads(lines[0])["bad"] is None  # strict JSON: non-finite values are null

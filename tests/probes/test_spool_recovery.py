@@ -21,8 +21,8 @@ import pytest
 from probes._spool import Spool
 from probes.http_sink import HttpSink
 from probes.spool_replay import replay_spool
-from tests.probes.test_http_sink import FAST, assert_in_order_exactly_once, scalars, stored, wait_for
-from tests.server.live import ROOT, LiveServer, free_port
+from tests.probes.test_http_sink import FAST, assert_in_order_exactly_once, scalars, stored
+from tests.server.live import ROOT, LiveServer, free_port, wait_for
 
 DELTASCOPE = Path(sys.executable).parent / "deltascope"  # the console script pyproject installs
 

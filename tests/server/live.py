@@ -16,6 +16,17 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    """Poll ``cond`` until it holds (True) or ``timeout`` s pass (False): a liveness bound, not a
+    timing claim."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

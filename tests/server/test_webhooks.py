@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from server import Settings, create_app
 from server.webhooks import redact
 from tests.server.conftest import Run, batch
+from tests.server.live import wait_for
 
 
 class Receiver:
@@ -54,15 +55,6 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver(fail=2)
     yield r
     r.close()
-
-
-def wait_for(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def app_with(tmp_path, urls: list[str]) -> TestClient:
