@@ -21,85 +21,124 @@ TINY = 1e-30
 F32 = torch.float32
 
 
+TOK = (1, 2)
+"""Token axes of every input: (S, B, T, ...) with S the site axis (1 for one site)."""
+
+
 def nonfinite(x: torch.Tensor) -> torch.Tensor:
-    """Count of NaN and +-inf values. Eager: x - x is 0 exactly where x is finite, 3x cheaper on
-    CPU than isfinite; compiled: isfinite, fused anyway (count_nonzero(x - x) miscounts under
-    inductor in torch 2.11)."""
+    """Per-site count of NaN and +-inf values, (S,). Eager: x - x is 0 exactly where x is finite,
+    3x cheaper on CPU than isfinite; compiled: isfinite, fused anyway (count_nonzero(x - x)
+    miscounts under inductor in torch 2.11)."""
+    dims = tuple(range(1, x.dim()))
     if torch.compiler.is_compiling():
-        return x.numel() - torch.isfinite(x).sum()
-    return torch.count_nonzero(x - x)
+        return (~torch.isfinite(x)).sum(dims)
+    return torch.count_nonzero(x - x, dim=dims)
 
 
 def hist(x: torch.Tensor, lo: float, hi: float, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """Counts of the finite values of ``x`` in ``n`` equal bins on [lo, hi]; values beyond either
-    end land in the end bins."""
+    """Per-site counts of the finite values of ``x`` (S, ...) in ``n`` equal bins on [lo, hi],
+    (S, n); values beyond either end land in the end bins."""
+    S = x.shape[0]
     w = torch.isfinite(x).to(dtype).reshape(-1)
     pos = (torch.nan_to_num(x, nan=lo, posinf=hi, neginf=lo) - lo) * (n / (hi - lo))
-    idx = pos.floor().clamp(0, n - 1).long().reshape(-1)
-    return torch.zeros(n, dtype=dtype, device=x.device).index_add_(0, idx, w)
+    idx = pos.floor().clamp(0, n - 1).long().reshape(S, -1)
+    idx = (idx + n * torch.arange(S, device=x.device)[:, None]).reshape(-1)
+    return torch.zeros(S * n, dtype=dtype, device=x.device).index_add_(0, idx, w).view(S, n)
+
+
+def _count(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Tokens per site, (S,): a constant."""
+    return x.new_full((x.shape[0],), x.shape[1] * x.shape[2], dtype=dtype)
 
 
 def beta_block(beta: torch.Tensor, beta_max: float, identity_below: float, projection_band: float,
                reflection_above: float, dtype: torch.dtype) -> torch.Tensor:
-    """beta (B, T, 1) -> BETA_SLOTS then the beta histogram; moments in ``dtype`` (float64)."""
-    b = beta.reshape(-1).to(dtype)
+    """beta (S, B, T, 1) -> BETA_SLOTS then the beta histogram, (S, ...); moments in ``dtype``."""
+    b = beta[..., 0].to(dtype)  # (S, B, T)
     head = torch.stack([
-        b.new_full((), b.numel()),
-        b.sum(),
-        (b * b).sum(),
-        (b < identity_below).sum(dtype=dtype),
-        ((b - 1).abs() < projection_band).sum(dtype=dtype),
-        (b > reflection_above).sum(dtype=dtype),
-        (b > 1).sum(dtype=dtype),
+        _count(b, dtype),
+        b.sum(TOK),
+        (b * b).sum(TOK),
+        (b < identity_below).sum(TOK, dtype=dtype),
+        ((b - 1).abs() < projection_band).sum(TOK, dtype=dtype),
+        (b > reflection_above).sum(TOK, dtype=dtype),
+        (b > 1).sum(TOK, dtype=dtype),
         nonfinite(b).to(dtype),
-    ])
-    return torch.cat([head, hist(b, 0.0, beta_max, BETA_BINS, dtype)])
+    ], dim=1)
+    return torch.cat([head, hist(b, 0.0, beta_max, BETA_BINS, dtype)], dim=1)
 
 
 def logit_block(logit: torch.Tensor, saturation: float, dtype: torch.dtype) -> torch.Tensor:
-    """Pre-sigmoid logit (B, T, 1) -> LOGIT_SLOTS."""
+    """Pre-sigmoid logit (S, B, T, 1) -> LOGIT_SLOTS, (S, 2)."""
     return torch.stack([
-        logit.new_full((), logit.numel(), dtype=dtype),
-        (logit.float().abs() > saturation).sum(dtype=dtype),
-    ])
+        _count(logit, dtype),
+        (logit[..., 0].float().abs() > saturation).sum(TOK, dtype=dtype),
+    ], dim=1)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-token dot product over the last axis, as a product and a sum: ``linalg.vecdot`` with a
+    broadcast operand lowers to a cuBLAS call per site inside a compiled graph (host time on the
+    training thread), where a sum fuses into the neighbouring reductions."""
+    if torch.compiler.is_compiling():
+        return (a * b).sum(-1)
+    return torch.linalg.vecdot(a, b)  # eager: no (B, T, d) temporary
 
 
 def x_norm(X: torch.Tensor) -> torch.Tensor:
-    """Per-token Frobenius norm of the state: (B, T, d) or (B, T, d, d_v) -> (B, T) fp32."""
-    return torch.linalg.vector_norm(X.flatten(2), dim=-1, dtype=F32)
+    """Per-token Frobenius norm of the state: (S, B, m, d) or (S, B, m, d, d_v) -> (S, B, m) fp32."""
+    return torch.linalg.vector_norm(X.flatten(3), dim=-1, dtype=F32)
 
 
-def k_block(h: torch.Tensor, k: torch.Tensor, prev: torch.Tensor | None, dtype: torch.dtype
-            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Raw h and unit k, both (B, T, d); ``prev`` the previous site's k or None. Returns the k run
-    (K_SLOTS, log10 ||h|| histogram, sum of k), the LAYER_SLOTS pair or None, and the maxima
-    (max ||h||, -min ||h||, max | ||k|| - 1 |)."""
-    B, T, d = k.shape
+def sample(X: torch.Tensor, h: torch.Tensor, k: torch.Tensor, prev: torch.Tensor | None, stride: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """One site's (B, T, ...) state, h, k and previous-site k -> the sampled token positions
+    t = 0, s, 2s, ... (views, no copy in eager), each with a leading site axis of 1: (X, h, k,
+    k at t + 1, prev, number of (t, t + 1) pairs). Compiled, k at t + 1 is a rolled k, as long
+    as k: every per-token reduction then shares one iteration space and fuses into one kernel;
+    the wrapped pair past the end is dropped afterwards (``k_block``'s ``n_pairs``)."""
+    T = k.shape[1]
+    n_pairs = len(range(1, T, stride))
+    k_next = torch.roll(k, -1, dims=1)[:, ::stride] if torch.compiler.is_compiling() else k[:, 1::stride]
+    one = lambda x: x[:, ::stride].unsqueeze(0)  # noqa: E731
+    return one(X), one(h), one(k), k_next.unsqueeze(0), None if prev is None else one(prev), n_pairs
+
+
+def k_block(h: torch.Tensor, k: torch.Tensor, k_next: torch.Tensor, prev: torch.Tensor | None, chain: bool,
+            n_pairs: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Sampled raw h and unit k (S, B, m, d), k one token later (S, B, >= n_pairs, d), ``prev``
+    the previous site's sampled k or None; ``chain``: site j's previous site is site j - 1 of
+    this same stack (the first gets no pair). Returns the k run (K_SLOTS, log10 ||h|| histogram,
+    sum of k), the LAYER_SLOTS pair or None, and the maxima (max ||h||, -min ||h||,
+    max | ||k|| - 1 |), all (S, ...)."""
+    S, B, m, _ = k.shape
     k = k.float()
-    hn = torch.linalg.vector_norm(h, dim=-1, dtype=F32)  # (B, T)
-    kn = torch.linalg.vector_norm(k, dim=-1)  # (B, T)
-    ksum = k.sum(dim=(0, 1))  # (d,)
-    m = ksum / torch.linalg.vector_norm(ksum).clamp_min(TINY)  # this call's mean direction
-    if torch.compiler.is_compiling():
-        # k_t . k_{t+1} over whole rows (rolled), the wrapped last position dropped afterwards:
-        # every per-token reduction then shares one (B, T, d) space and fuses into one kernel
-        nxt = torch.linalg.vecdot(k, torch.roll(k, -1, dims=1))[:, :-1]  # (B, T-1)
-    else:  # eager: no rolled copy of k
-        nxt = torch.linalg.vecdot(k[:, 1:], k[:, :-1])  # (B, T-1)
+    hn = torch.linalg.vector_norm(h, dim=-1, dtype=F32)  # (S, B, m)
+    kn = torch.linalg.vector_norm(k, dim=-1)  # (S, B, m)
+    ksum = k.sum(dim=TOK)  # (S, d)
+    mdir = ksum / torch.linalg.vector_norm(ksum, dim=-1, keepdim=True).clamp_min(TINY)  # mean direction
+    rolled = k_next.shape[2] == m  # compiled: as long as k, the wrapped pair cut after the dot
+    nxt = _dot(k, k_next.float())[:, :, :n_pairs] if rolled else _dot(k[:, :, :n_pairs], k_next.float())
+    n_tok = _count(hn, F32)
     head = torch.stack([
-        hn.new_full((), B * T),
-        hn.sum(),
-        torch.linalg.vecdot(k, m).abs().sum(),
-        hn.new_full((), B * (T - 1)),
-        nxt.abs().sum(),
+        n_tok,
+        hn.sum(TOK),
+        _dot(k, mdir[:, None, None, :]).abs().sum(TOK),
+        n_tok.new_full((S,), B * n_pairs),
+        nxt.abs().sum(TOK),
         nonfinite(h).to(F32),
-    ])
+    ], dim=1)
     hh = hist(torch.log10(hn.clamp_min(TINY)), *H_NORM_LOG10_RANGE, H_NORM_BINS, dtype)
-    run = torch.cat([head.to(dtype), hh, ksum.to(dtype)])
+    run = torch.cat([head.to(dtype), hh, ksum.to(dtype)], dim=1)
     layer = None
     if prev is not None:
-        layer = torch.stack([hn.new_full((), B * T), torch.linalg.vecdot(k, prev).abs().sum()]).to(dtype)
-    mx = torch.stack([hn.max(), -hn.min(), (kn - 1).abs().max()]).to(dtype)
+        layer = torch.stack([n_tok, _dot(k, prev.float()).abs().sum(TOK)], dim=1).to(dtype)
+    elif chain:
+        cos = _dot(k[1:], k[:-1]).abs().sum(TOK)  # (S - 1,)
+        layer = torch.stack([n_tok, torch.cat([cos.new_zeros(1), cos])], dim=1)
+        layer[0, 0] = 0
+        layer = layer.to(dtype)
+    mx = torch.stack([hn.amax(TOK), -hn.amin(TOK), (kn - 1).abs().amax(TOK)], dim=1).to(dtype)
     return run, layer, mx
 
 
@@ -110,40 +149,60 @@ def _norm_dv(x: torch.Tensor) -> torch.Tensor:
 
 
 def write_block(v: torch.Tensor, p: torch.Tensor, beta: torch.Tensor, delta: torch.Tensor,
-                xn: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """write's inputs v, p (B, T, d_v), beta (B, T, 1) and output delta (B, T, d_v); ``xn`` the
-    per-token ||X|| from the residual's input (None: no update ratio) -> WRITE_SLOTS."""
-    b = beta[..., 0].float()  # (B, T)
-    vn, pn, dn = _norm_dv(v), _norm_dv(p), _norm_dv(delta)  # (B, T)
+                xn: torch.Tensor | None, stride: int, dtype: torch.dtype) -> torch.Tensor:
+    """write's inputs v, p (S, B, T, d_v), beta (S, B, T, 1) and output delta (S, B, T, d_v);
+    ``xn`` the per-token ||X|| at the sampled positions (S, B, m) (None: no update ratio)
+    -> WRITE_SLOTS, (S, 5). The update ratio is over the sampled positions, the rest over all."""
+    b = beta[..., 0].float()  # (S, B, T)
+    vn, pn, dn = _norm_dv(v), _norm_dv(p), _norm_dv(delta)  # (S, B, T)
     if xn is None:
-        n_upd, upd = dn.new_zeros(()), dn.new_zeros(())
+        n_upd, upd = dn.new_zeros(dn.shape[0]), dn.new_zeros(dn.shape[0])
     else:
-        n_upd, upd = dn.new_full((), dn.numel()), (dn / xn.clamp_min(TINY)).sum()
-    return torch.stack([(b * vn).sum(), (b * pn).sum(), n_upd, upd, nonfinite(delta).to(F32)]).to(dtype)
+        n_upd, upd = _count(xn, F32), (dn[:, :, ::stride] / xn.clamp_min(TINY)).sum(TOK)
+    return torch.stack([(b * vn).sum(TOK), (b * pn).sum(TOK), n_upd, upd, nonfinite(delta).to(F32)],
+                       dim=1).to(dtype)
+
+
+def sites_block(
+    X: torch.Tensor, beta: torch.Tensor, logit: torch.Tensor | None, h: torch.Tensor, k: torch.Tensor,
+    k_next: torch.Tensor, prev: torch.Tensor | None, chain: bool, n_pairs: int, v: torch.Tensor,
+    p: torch.Tensor, beta_w: torch.Tensor, delta: torch.Tensor, stride: int, beta_max: float,
+    identity_below: float, projection_band: float, reflection_above: float, logit_saturation: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S sites' forward pass -> (their sum blocks in ``_layout`` order, (S, width); maxima (S, 3)).
+
+    Every input has a leading site axis; X, h, k, k_next and prev are already sampled
+    (:func:`sample`), the (B, T, 1..d_v) ones are whole.
+    """
+    S = k.shape[0]
+    zeros2 = torch.zeros(S, 2, dtype=dtype, device=k.device)
+    run_k, layer, mx = k_block(h, k, k_next, prev, chain, n_pairs, dtype)
+    return torch.cat([
+        beta_block(beta, beta_max, identity_below, projection_band, reflection_above, dtype),
+        zeros2 if logit is None else logit_block(logit, logit_saturation, dtype),
+        zeros2 if layer is None else layer,
+        write_block(v, p, beta_w, delta, x_norm(X), stride, dtype),
+        zeros2,  # PROBE_SLOTS: the probe batch run
+        zeros2,  # STEP_SLOTS: written at Probe.step
+        run_k,
+    ], dim=1), mx
 
 
 def site_block(
     X: torch.Tensor, beta: torch.Tensor, logit: torch.Tensor | None, h: torch.Tensor, k: torch.Tensor,
     prev: torch.Tensor | None, v: torch.Tensor, p: torch.Tensor, beta_w: torch.Tensor,
-    delta: torch.Tensor, beta_max: float, identity_below: float, projection_band: float,
+    delta: torch.Tensor, stride: int, beta_max: float, identity_below: float, projection_band: float,
     reflection_above: float, logit_saturation: float, dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One delta residual's forward pass -> (its whole sum block in ``_layout`` order, maxima).
-
-    One call per site per log step: on CUDA its compiled copy is a few fused kernels and one
-    Python call, where the separate hooks' statistics would cost dozens of launches.
-    """
-    zeros2 = torch.zeros(2, dtype=dtype, device=k.device)
-    run_k, layer, mx = k_block(h, k, prev, dtype)
-    return torch.cat([
-        beta_block(beta, beta_max, identity_below, projection_band, reflection_above, dtype),
-        zeros2 if logit is None else logit_block(logit, logit_saturation, dtype),
-        zeros2 if layer is None else layer,
-        write_block(v, p, beta_w, delta, x_norm(X), dtype),
-        zeros2,  # PROBE_SLOTS: the probe batch run
-        zeros2,  # STEP_SLOTS: written at Probe.step
-        run_k,
-    ]), mx
+    """One delta residual's forward pass (tensors as its hooks saw them) -> (its sum block,
+    its maxima), flat. One call per site per log step; inside a compiled model it is inlined."""
+    Xs, hs, ks, kn, ps, n_pairs = sample(X, h, k, prev, stride)
+    one = lambda x: x.unsqueeze(0)  # noqa: E731
+    block, mx = sites_block(Xs, one(beta), None if logit is None else one(logit), hs, ks, kn, ps, False,
+                            n_pairs, one(v), one(p), one(beta_w), one(delta), stride, beta_max,
+                            identity_below, projection_band, reflection_above, logit_saturation, dtype)
+    return block[0], mx[0]
 
 
 def probe_cos(k: torch.Tensor, prev: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

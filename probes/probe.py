@@ -15,8 +15,8 @@ Life of a log step s (the hooks are active during step s iff s is a log step):
    over sums and device scalars, MAX over maxima and negated minima), computes the step-to-step
    cosine of mean directions on the device, copies the buffer into pinned host memory with one
    non-blocking copy, records a CUDA event and hands the lot to the host thread (bounded queue);
-4. the host thread waits for the event (polling, so the training thread never waits on the
-   device), finishes the statistics (``_finish``), runs the Detector and writes to the sinks.
+4. the host thread waits for the event (blocked in the driver without the GIL; the training
+   thread never waits on the device), finishes the statistics (``_finish``), runs the Detector and writes to the sinks.
 Between log steps nothing happens but a Python bool flip.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +46,8 @@ from server.thresholds import Thresholds
 
 log = logging.getLogger("deltascope.probes")
 
+TOKEN_STRIDE = 8
+"""Default ``token_stride``: d-vector statistics from every 8th token position."""
 ACTIONS = ("log", "checkpoint", "stop")
 """What an ``on_alert`` callback may return (or None)."""
 AlertCallback = Callable[[Transition], str | None]
@@ -92,6 +93,10 @@ class Probe:
         (so a resumed run logs the steps it would have logged), the first step too when 0.
     ``fuse``: run the hooks' statistics as torch.compile'd fused kernels when the model runs
         eagerly (None: on CUDA only; a model compiled by the user inlines them either way).
+    ``token_stride``: the statistics of d-vectors (||h||, every k statistic, the update ratio)
+        read token positions 0, s, 2s, ... of every sequence (and t + 1 for ``k_cos_token``);
+        1 reads every token, at about 8x the device cost of the default. The gate (beta, logit),
+        write/erase and non-finite counts of beta and of the update always read every token.
     """
 
     def __init__(
@@ -109,9 +114,12 @@ class Probe:
         queue_size: int = 4,
         start_step: int = 0,
         fuse: bool | None = None,
+        token_stride: int = TOKEN_STRIDE,
     ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if token_stride < 1:
+            raise ValueError(f"token_stride must be >= 1, got {token_stride}")
         if probe_batch is not None and probe_every < 1:
             raise ValueError("probe_batch needs probe_every >= 1")
         self.model, self.every, self.run = model, every, run
@@ -131,8 +139,14 @@ class Probe:
         self.probe_batch, self.probe_every = probe_batch, probe_every
         self._last_probe: int | None = None
 
-        self._sh = _Shared(len(found), fuse)
+        self.token_stride = token_stride
+        self._sh = _Shared(len(found), fuse, stride=token_stride)
         self._sh.mode = ACCUM if start_step % every == 0 else OFF
+        param = next(self._root.parameters(), None)
+        if found and cfg is not None and param is not None and param.device.type != "meta":
+            # the buffer exists before the first forward: a model compiled after attaching traces
+            # it as it will stay (allocated mid-trace, it cost a second compile of the whole model)
+            self._sh.ensure(param.device, self._d_hint)
         self._handles: list[Any] = []
         for i, s in enumerate(found):
             hk = SiteHooks(self._sh, i, self.beta_max, self.thresholds)
@@ -178,6 +192,8 @@ class Probe:
         if self._closed:
             return
         if self._sh.mode == ACCUM:
+            if self._sh.buf is not None:
+                self._sh.flush()  # sites kept by a forward that stopped short of the last one
             self._join()
             self._submit(step, scalars or {})
         self._sh.mode = ACCUM if (step + 1) % self.every == 0 else OFF
@@ -366,7 +382,7 @@ class Probe:
         if host is None:
             return None, None, False
         host.copy_(buf, non_blocking=True)
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)
         event.record()
         return event, host, True
 
@@ -389,15 +405,20 @@ class Probe:
         hists: dict[str, Histogram] = {}
         if job.host is not None and job.layout is not None:
             if job.event is not None:
-                while not job.event.query():  # polling: no sync call, even on this thread
-                    time.sleep(2e-4)
+                # this thread sleeps in the driver, without the GIL, until the copy has landed:
+                # polling woke it ~500 times per step, and each wake-up took the GIL from the
+                # training thread between two of its ops (a blocking event: no spinning core)
+                job.event.synchronize()
             arr = job.host.numpy().astype(np.float64)
             if job.pooled:
                 with self._lock:
                     self._pool.append(job.host)
             scalars, hists = self._finisher.finish(arr, job.layout, job.scalar_names, job.world)
+            per_site = self._finisher.per_site
+        else:
+            per_site = {}
         scalars.update(job.host_scalars)
-        transitions = self._detector.evaluate(job.step, scalars)
+        transitions = self._detector.evaluate_sites(job.step, per_site)
         latest = (self._detector.alerts(), self._detector.verdict())
         with self._lock:
             self._done.extend(transitions)

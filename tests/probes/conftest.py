@@ -95,8 +95,11 @@ def naive_stats(
     first_h: dict[int, float] | None = None,
     probe_k: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     thr: Thresholds | None = None,
+    stride: int = 1,
 ) -> tuple[dict[str, float], dict[str, np.ndarray], dict[int, np.ndarray]]:
-    """Every statistic in float64 from the captured tensors: (scalars, hists, mean directions)."""
+    """Every statistic in float64 from the captured tensors: (scalars, hists, mean directions);
+    the d-vector statistics from token positions 0, stride, 2 stride, ... (the probe's
+    ``token_stride``)."""
     thr = thr or Thresholds()
     out: dict[str, float] = {}
     hists: dict[str, np.ndarray] = {}
@@ -120,8 +123,10 @@ def naive_stats(
         if "logit" in per[0]:
             lg = np.concatenate([f64(p["logit"]).reshape(-1) for p in per])
             out[K("gate_logit_sat")] = np.mean(np.abs(lg) > thr.logit_saturation)
-        hs = [f64(p["hk"][0]) for p in per]
-        ks = [f64(p["hk"][1]) for p in per]
+        hs = [f64(p["hk"][0])[:, ::stride] for p in per]
+        ks = [f64(p["hk"][1])[:, ::stride] for p in per]
+        kfull = [f64(p["hk"][1]) for p in per]
+        n = sum(k.shape[0] * k.shape[1] for k in ks)
         hn = np.concatenate([np.linalg.norm(h, axis=-1).reshape(-1) for h in hs])
         out[K("h_norm_mean")] = hn.mean()
         hh = fixed_hist(np.log10(np.maximum(hn, 1e-30)), *H_NORM_LOG10_RANGE, H_NORM_BINS)
@@ -142,10 +147,13 @@ def naive_stats(
         out[K("k_abs_concentration")] = sum(
             np.abs(k @ (k.sum((0, 1)) / np.linalg.norm(k.sum((0, 1))))).sum() for k in ks
         ) / n
-        pairs = sum(k.shape[0] * (k.shape[1] - 1) for k in ks)
-        out[K("k_cos_token")] = sum(np.abs((k[:, 1:] * k[:, :-1]).sum(-1)).sum() for k in ks) / pairs
+        T = kfull[0].shape[1]
+        pairs = sum(k.shape[0] * len(range(0, T - 1, stride)) for k in kfull)
+        out[K("k_cos_token")] = sum(
+            np.abs((k[:, 0 : T - 1 : stride] * k[:, 1::stride]).sum(-1)).sum() for k in kfull
+        ) / pairs
         if i > 0:
-            prev = [f64(f[i - 1]["hk"][1]) for f in forwards]
+            prev = [f64(f[i - 1]["hk"][1])[:, ::stride] for f in forwards]
             out[K("k_cos_layer")] = sum(
                 np.abs((k * kp).sum(-1)).sum() for k, kp in zip(ks, prev, strict=True)
             ) / n
@@ -155,16 +163,18 @@ def naive_stats(
             out[K("k_cos_probe")] = np.abs(cos).mean()
         num = den = upd = 0.0
         nonfinite = np.sum(~np.isfinite(b)) + sum(np.sum(~np.isfinite(h)) for h in hs)
+        upd_n = 0
         for p in per:
             v, pp, bw, delta = (f64(t) for t in p["write"])
-            X = f64(p["X"])
+            X = f64(p["X"])[:, ::stride]
             num += (bw[..., 0] * np.linalg.norm(v, axis=-1)).sum()
             den += (bw[..., 0] * np.linalg.norm(pp, axis=-1)).sum()
             xn = np.linalg.norm(X.reshape(*X.shape[:2], -1), axis=-1)
-            upd += (np.linalg.norm(delta, axis=-1) / xn).sum()
+            upd += (np.linalg.norm(delta[:, ::stride], axis=-1) / xn).sum()
+            upd_n += xn.size
             nonfinite += np.sum(~np.isfinite(delta))
         out[K("write_erase")] = num / den
-        out[K("update_ratio")] = upd / n
+        out[K("update_ratio")] = upd / upd_n
         out[K("nonfinite")] = float(nonfinite)
     return out, hists, dirs
 

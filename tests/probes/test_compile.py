@@ -60,12 +60,15 @@ def test_inductor_cuda_fullgraph_matches_eager():
 
 
 @pytest.mark.slow
-def test_fused_statistics_match_plain(monkeypatch):
-    """The compiled copies of the statistics (on by default on CUDA) give the plain numbers; on
-    CPU they are compiled with aot_eager here, inductor being too slow on two cores."""
+@pytest.mark.parametrize("defer,fn", [(True, "sites_block"), (False, "site_block")])
+def test_fused_statistics_match_plain(monkeypatch, defer, fn):
+    """The compiled copies of the statistics (on by default on CUDA: one call per forward for
+    all sites, or one per site) give the plain numbers; on CPU they are compiled with aot_eager
+    here, inductor being too slow on two cores."""
     import probes._hooks
 
     monkeypatch.setattr(probes._hooks, "FUSE_BACKEND", "aot_eager")
+    monkeypatch.setattr(probes._hooks, "DEFER", defer)
     torch._dynamo.reset()
     plain = tiny(d_v=4)
     fused = copy.deepcopy(plain)
@@ -77,7 +80,7 @@ def test_fused_statistics_match_plain(monkeypatch):
             fused(x, x)[1].backward()
             pp.step(step)
             pf.step(step)
-        assert pf._sh.fuse and set(pf._sh._fused) == {"site_block"}
+        assert pf._sh.fuse and set(pf._sh._fused) == {fn}
     for a, b in zip(sf.records, sp.records, strict=True):
         assert_stats_close(a.scalars, b.scalars, rtol=1e-5, atol=1e-6)
         assert {k: h.counts for k, h in a.hists.items()} == {k: h.counts for k, h in b.hists.items()}

@@ -24,10 +24,12 @@ def _hists_equal(got, want) -> None:
         np.testing.assert_array_equal(np.array(got[k].counts), w, err_msg=k)
 
 
+@pytest.mark.parametrize("stride", [1, 3, 8], ids=lambda s: f"stride{s}")
 @pytest.mark.parametrize("over", VARIANTS)
-def test_stats_equal_naive_float64(over):
+def test_stats_equal_naive_float64(over, stride):
     """Two log steps of training on the tiny model: every key equals its definition, including
-    the drift, the step-to-step and the probe-batch cosines (which need the previous step)."""
+    the drift, the step-to-step and the probe-batch cosines (which need the previous step); at
+    every token (stride 1), and at sampled positions (3 leaves a ragged end: T = 32)."""
     model = tiny(**over)
     twin = copy.deepcopy(model)  # captures on an identical model, so the probe sees no extra hooks
     cap = Capture(twin)
@@ -36,7 +38,7 @@ def test_stats_equal_naive_float64(over):
     topt = torch.optim.SGD(twin.parameters(), lr=0.3)
     sink = MemorySink()
     expected, dirs, first_h, probe_k = [], None, {}, None
-    with Probe(model, every=1, sinks=[sink], probe_batch=pb, probe_every=1) as probe:
+    with Probe(model, every=1, sinks=[sink], probe_batch=pb, probe_every=1, token_stride=stride) as probe:
         for step in range(2):
             x = batch(model, 3, seed=step)
             for net, o in ((model, opt), (twin, topt)):
@@ -51,7 +53,7 @@ def test_stats_equal_naive_float64(over):
             k_now = [pf[i]["hk"][1] for i in range(len(probe.sites))]
             want, hists, new_dirs = naive_stats(
                 fw, probe.sites, model.cfg.beta_max, prev_dir=dirs, first_h=first_h,
-                probe_k=(probe_k, k_now) if probe_k is not None else None,
+                probe_k=(probe_k, k_now) if probe_k is not None else None, stride=stride,
             )
             expected.append((want, hists))
             dirs, probe_k = new_dirs, k_now
@@ -81,7 +83,7 @@ def test_micro_batches_merge_into_one_step(over):
         b(x, x)[1].backward()
         pa.step(0)
         pb.step(0)
-    want, hists, _ = naive_stats(cap.take(), pa.sites, a.cfg.beta_max, first_h={})
+    want, hists, _ = naive_stats(cap.take(), pa.sites, a.cfg.beta_max, first_h={}, stride=pa.token_stride)
     assert_stats_close(sa.last().scalars, want)
     _hists_equal(sa.last().hists, hists)
     # against one big batch: all but k_abs_concentration, whose m is per forward pass; a token
