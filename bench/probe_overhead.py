@@ -1,8 +1,9 @@
 """Probe overhead: the same model with and without probes (stats every step), interleaved.
 
 Eager: one model; blocks of steps alternate between probe attached and detached (the probe is a
-context manager that removes its hooks). Compiled: hooks must exist before torch.compile, so two
-identical models are compiled, one with the probe attached, and their blocks alternate. Each
+context manager that removes its hooks). Compiled: hooks must exist before torch.compile, so the
+one model is compiled with the probe attached, and "off" blocks disarm its hooks (one int the
+hooks read and dynamo guards on: the off graph has no statistics in it). Each
 block's median step time (CUDA events, or perf_counter on CPU) is one sample; the ratio of the
 medians over all blocks is the overhead.
 
@@ -22,6 +23,7 @@ import torch
 
 from ddl import DDLModel, presets, with_overrides
 from probes import Probe
+from probes._hooks import ACCUM, OFF
 from probes.sinks import MemorySink
 
 
@@ -81,6 +83,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--every", type=int, default=1)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--token-stride", type=int, default=8, help="Probe(token_stride=)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="append the result as one JSON line to this file")
     args = p.parse_args()
@@ -92,10 +95,13 @@ def main() -> None:
                for _ in range(4)]
     sink = MemorySink()
     if args.compile:
-        model2, opt2 = make(args, args.device)
-        probe = Probe(model2, every=args.every, sinks=[sink])
+        # one compiled model with the probe attached; "off" blocks keep its hooks disarmed (the
+        # hooks read one int, a dynamo guard: the off graph holds no statistics at all), so both
+        # conditions run the same weights in the same memory
+        probe = Probe(model, every=args.every, sinks=[sink], token_stride=args.token_stride)
         probe.__enter__()
-        nets = {"off": (torch.compile(model), opt, None), "on": (torch.compile(model2), opt2, probe)}
+        cnet = torch.compile(model)
+        nets = {"off": (cnet, opt, None), "on": (cnet, opt, probe)}
     else:
         nets = {"off": (model, opt, None), "on": (model, opt, None)}
     samples: dict[str, list[float]] = {"off": [], "on": []}
@@ -103,19 +109,24 @@ def main() -> None:
     for cond in ("off", "on"):  # warm-up (and compile) both
         net, o, pr = nets[cond]
         if not args.compile and cond == "on":
-            with Probe(model, every=args.every, sinks=[MemorySink()]) as pr:
+            with Probe(model, every=args.every, sinks=[MemorySink()], token_stride=args.token_stride) as pr:
                 run_block(net, o, pr, batches, step, args.warmup, cuda, amp)
         else:
+            if args.compile:
+                probe._sh.mode = OFF if cond == "off" else (ACCUM if step % args.every == 0 else OFF)
             run_block(net, o, pr, batches, step, args.warmup, cuda, amp)
         step += args.warmup
     for blk in range(args.blocks):
         for cond in (("off", "on") if blk % 2 == 0 else ("on", "off")):
             net, o, pr = nets[cond]
             if not args.compile and cond == "on":
-                with Probe(model, every=args.every, sinks=[blk_sink := MemorySink()], start_step=step) as pr:
+                with Probe(model, every=args.every, sinks=[blk_sink := MemorySink()], start_step=step,
+                           token_stride=args.token_stride) as pr:
                     samples[cond].append(run_block(net, o, pr, batches, step, args.steps, cuda, amp))
                 sink.records.extend(blk_sink.records)  # a probe closes its sinks on exit
             else:
+                if args.compile:
+                    probe._sh.mode = OFF if cond == "off" else (ACCUM if step % args.every == 0 else OFF)
                 samples[cond].append(run_block(net, o, pr, batches, step, args.steps, cuda, amp))
             step += args.steps
     if args.compile:
@@ -123,6 +134,7 @@ def main() -> None:
     off, on = statistics.median(samples["off"]), statistics.median(samples["on"])
     device = torch.cuda.get_device_name() if cuda else "cpu"
     res = {"preset": args.preset, "set": args.set, "compile": args.compile, "every": args.every,
+           "token_stride": args.token_stride,
            "batch": args.batch, "seq": args.seq, "device": device, "torch": torch.__version__,
            "off_ms": off * 1e3, "on_ms": on * 1e3, "overhead": on / off - 1, "records": len(sink.records),
            "off_blocks_ms": [round(x * 1e3, 2) for x in samples["off"]],
@@ -131,7 +143,8 @@ def main() -> None:
         with open(args.json, "a") as f:
             f.write(json.dumps(res) + "\n")
     print(f"{device} torch {torch.__version__} {args.preset} {args.set} B={args.batch} T={args.seq} "
-          f"compile={args.compile} every={args.every}: off {off * 1e3:.2f} ms, on {on * 1e3:.2f} ms, "
+          f"compile={args.compile} every={args.every} stride={args.token_stride}: "
+          f"off {off * 1e3:.2f} ms, on {on * 1e3:.2f} ms, "
           f"overhead {100 * (on / off - 1):+.2f}% ({len(sink.records)} records)")
 
 

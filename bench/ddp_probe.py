@@ -1,0 +1,161 @@
+"""Probes under DDP over NCCL: overhead against the same DDP job without probes, and merged
+statistics against one process over the same global batch.
+
+    torchrun --nproc_per_node 2 bench/ddp_probe.py [--json FILE]   # 2 GPUs
+    torchrun --nproc_per_node 1 bench/ddp_probe.py [--json FILE]   # the one-GPU reference
+
+1. Overhead: small preset, bf16, B = 16 per rank, T = 1024, stats every step; blocks of steps
+   alternate probe attached / detached on the DDP model (interleaved, as bench/probe_overhead.py);
+   each block's median step (CUDA events, the slowest rank) is one sample; the figure is the ratio
+   of the medians.
+2. Equality (world > 1): one step of a fresh model in fp32 (no TF32) on a fixed global batch, each
+   rank on its shard, against rank 0 alone on the whole batch; every statistic within 1e-4
+   (k_abs_concentration left out: its mean direction is per forward pass, hence per rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddl import DDLModel, presets, with_overrides
+from probes import MemorySink, Probe
+
+
+def block(net, opt, probe, batches, start, n, amp) -> float:
+    times = []
+    for i in range(start, start + n):
+        b = batches[i % len(batches)]
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        with amp:
+            _, loss = net(b[:, :-1], b[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if probe is not None:
+            probe.step(i, scalars={"loss": loss.detach()})
+        e.record()
+        e.synchronize()
+        times.append(a.elapsed_time(e))
+    t = torch.tensor([statistics.median(times)], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the step is as slow as the slowest rank
+    return float(t)
+
+
+def overhead(args, rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    cfg = with_overrides(presets[args.preset], block_size=args.seq)
+    model = DDLModel(cfg).cuda()
+    net = DDP(model, device_ids=[torch.cuda.current_device()])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(1 + rank)
+    batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda", generator=g)
+               for _ in range(4)]
+    samples: dict[str, list[float]] = {"off": [], "on": []}
+    step = 0
+    for cond in ("off", "on"):  # warm-up, the fused statistics' compilation included
+        if cond == "on":
+            with Probe(net, every=1, sinks=[MemorySink()], start_step=step) as pr:
+                block(net, opt, pr, batches, step, args.warmup, amp)
+        else:
+            block(net, opt, None, batches, step, args.warmup, amp)
+        step += args.warmup
+    records = 0
+    for b in range(args.blocks):
+        for cond in (("off", "on") if b % 2 == 0 else ("on", "off")):
+            if cond == "on":
+                sink = MemorySink()
+                with Probe(net, every=1, sinks=[sink], start_step=step) as pr:
+                    samples[cond].append(block(net, opt, pr, batches, step, args.steps, amp))
+                records += len(sink.records)
+            else:
+                samples[cond].append(block(net, opt, None, batches, step, args.steps, amp))
+            step += args.steps
+    off, on = statistics.median(samples["off"]), statistics.median(samples["on"])
+    return {"world": world, "off_ms": off, "on_ms": on, "overhead": on / off - 1, "records": records,
+            "off_blocks_ms": [round(x, 2) for x in samples["off"]],
+            "on_blocks_ms": [round(x, 2) for x in samples["on"]]}
+
+
+def one_step(model, net, x) -> dict[str, float]:
+    sink = MemorySink()
+    with Probe(net, every=1, sinks=[sink]) as probe:
+        _, loss = net(x, x)
+        loss.backward()
+        probe.step(0, scalars={"loss": loss.detach()})
+    return sink.last().scalars
+
+
+def equality(args, rank: int, world: int) -> dict:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = with_overrides(presets[args.preset], block_size=256)
+    torch.manual_seed(0)
+    model = DDLModel(cfg).cuda()
+    ref = DDLModel(cfg).cuda()
+    ref.load_state_dict(model.state_dict())
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randint(0, cfg.vocab_size, (4 * world, 256), device="cuda", generator=g)
+    merged = one_step(model, DDP(model, device_ids=[torch.cuda.current_device()]), x[4 * rank : 4 * rank + 4])
+    # the reference: each rank alone on the whole batch (a probe merges over its model's DDP
+    # group, else over the world: a group of one keeps it single-process)
+    solo = [dist.new_group([r]) for r in range(world)][rank]
+    single = one_step(ref, DDP(ref, device_ids=[torch.cuda.current_device()], process_group=solo), x)
+    out = {"checked": 0, "worst_key": None, "worst_rel": 0.0}
+    if rank == 0:
+        for k, want in single.items():
+            if "/" not in k or k.startswith("k_abs_concentration"):
+                continue
+            got = merged[k]
+            rel = abs(got - want) / max(abs(want), 1e-5)
+            out["checked"] += 1
+            if not math.isfinite(rel) or rel > out["worst_rel"]:
+                out["worst_key"], out["worst_rel"] = k, rel
+        out["loss_merged"], out["loss_single"] = merged["loss"], single["loss"]
+        out["ok"] = out["worst_rel"] <= 1e-4 and set(merged) == set(single)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=16, help="sequences per rank")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--blocks", type=int, default=8)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json")
+    args = p.parse_args()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl")
+    try:
+        t0 = time.time()
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **overhead(args, rank, world)}
+        if world > 1:
+            res["equality"] = equality(args, rank, world)
+        res["seconds"] = round(time.time() - t0, 1)
+        if rank == 0:
+            print(f"{res['device']} x{world} torch {res['torch']} DDP small B={args.batch}/rank T={args.seq}: "
+                  f"off {res['off_ms']:.2f} ms, on {res['on_ms']:.2f} ms, overhead {100 * res['overhead']:+.2f}%")
+            if "equality" in res:
+                print("merged vs single process:", json.dumps(res["equality"]))
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(res) + "\n")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
