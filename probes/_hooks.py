@@ -2,17 +2,21 @@
 
 Every hook first reads ``_Shared.mode``, a plain Python int; between log steps it is OFF and the
 hook returns at once (under torch.compile that read is a guard: one graph for log steps, one for
-the rest). On a log step the children's hooks keep their tensors (detached) and the residual's own
-hook hands them all to one pure function, ``_stats.site_block``, adding the fixed-shape result
-into the site's block of the shared flat buffer with one in-place add. Nothing reads a tensor's
-value on the host: no ``.item()``, no Python ``if`` on a tensor, no boolean-mask indexing, no
-data-dependent shape; that is what lets the hooks run under
+the rest). On a log step the children's hooks keep references to their tensors. Nothing reads a
+tensor's value on the host: no ``.item()``, no Python ``if`` on a tensor, no boolean-mask
+indexing, no data-dependent shape; that is what lets the hooks run under
 ``torch.cuda.set_sync_debug_mode("error")`` and trace with ``fullgraph=True``.
 
-Fusion: an eager model on CUDA would pay about a hundred small kernel launches per site, so there
-``site_block`` runs as a ``torch.compile``d copy (``fuse``; on by default on CUDA): one Python call
-and a few fused kernels per site. Inside a model the user compiles it is inlined into the user's
-graph instead. A compile failure falls back to the plain function, with one warning.
+Eager (the usual case): the residual's hook keeps its site's tensors until the last site of the
+forward, then ``_Shared.flush`` stacks every site's sampled rows along a site axis and makes one
+call of ``_stats.sites_block`` for all of them, adding the result into the flat buffer with one
+add. On CUDA that call is a ``torch.compile``d copy (``fuse``; a few fused kernels and one Python
+call per forward, where per-site statistics cost ~300 launches); a compile failure falls back to
+the plain function, with one warning. A forward that stops short, or sites of unequal shapes,
+take one ``site_block`` call per site instead.
+
+Inside a model the user compiles, each residual's hook calls ``site_block`` and dynamo inlines
+it into the user's graph: the statistics fuse into the model's own kernels.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ FUSE_BACKEND = "inductor"
 FUSE_OPTIONS = {"combo_kernels": True}
 """Inductor options: combine the many small independent reductions into few launches."""
 DEFER = os.environ.get("DELTASCOPE_PROBE_DEFER", "1") != "0"
-"""Fusing eagerly, compute all sites' statistics in one call at the end of the forward."""
+"""Eagerly, compute all sites' statistics in one call over a site axis at the end of the forward
+(compiled on CUDA: one Python call and a few kernels; on CPU: ~8x fewer op dispatches)."""
 
 
 def _keep(t: torch.Tensor) -> torch.Tensor:
@@ -61,7 +66,7 @@ class _Shared:
         self.probe_prev: list[torch.Tensor | None] = [None] * n_sites
         self.fuse = fuse  # None: on CUDA only
         self._fused: dict[str, Callable[..., Any]] = {}
-        self.defer = DEFER  # fusing eagerly: one call per forward for all sites
+        self.defer = DEFER  # eagerly: one call per forward for all sites
         self.pending: list[tuple[torch.Tensor, ...] | None] = [None] * n_sites
         self.consts: tuple[float, ...] = ()
 
@@ -222,7 +227,7 @@ class SiteHooks:
         X = args[0] if args else kwargs["X"]
         sh.ensure(X.device, X.shape[2])
         h, k = hk
-        if sh.defer and not torch.compiler.is_compiling() and sh._fusing():
+        if sh.defer and not torch.compiler.is_compiling():
             # keep the tensors (autograd holds X and k anyway) until the last site of the forward
             sh.consts = self.consts
             sh.pending[self.i] = (X, beta, logit, h, k, *vpbd)
