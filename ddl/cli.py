@@ -44,6 +44,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=600, help="optimizer steps (default 600)")
     p.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run directory (default runs/tiny)")
     p.add_argument("--every", type=int, default=10, help="probe statistics every N steps (default 10)")
+    p.add_argument("--token-stride", type=int, default=8,
+                   help="probe d-vector statistics (||h||, k) from every Nth token position; 1 = all (default 8)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///<out parent>/mlflow.db)")
     p.add_argument("--server", help="deltascope server URL to stream stats and alerts to")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -75,6 +77,7 @@ def train_config_from_args(a: argparse.Namespace):
         seq_len=a.seq_len, grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup, log_every=a.log_every,
         eval_every=a.eval_every, ckpt_every=a.ckpt_every, seed=a.seed, vocab_size=a.vocab_size,
         data=a.data, device=a.device, compile=a.compile, probes=not a.no_probes, every=a.every,
+        token_stride=a.token_stride,
         mlflow_uri=a.mlflow_uri, server=a.server, resume=a.resume,
     )
     with_overrides(presets[cfg.preset], **overrides)  # validates the model overrides now

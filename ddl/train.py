@@ -167,7 +167,7 @@ def train(cfg: TrainConfig) -> dict:
         from probes.callbacks import log_alert
 
         probe = Probe(model, every=cfg.every, sinks=sinks, run=run_name, on_alert=[log_alert],
-                      start_step=start)
+                      start_step=start, token_stride=cfg.token_stride)
     else:
         from probes.sinks import FanoutSink
 

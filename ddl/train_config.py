@@ -60,6 +60,8 @@ class TrainConfig(BaseModel):
     """Attach probes (stats every ``every`` steps) with their sinks."""
     every: int = Field(10, ge=1)
     """Log-step interval of the probes' statistics."""
+    token_stride: int = Field(8, ge=1)
+    """The probes' d-vector statistics read every Nth token position (1: every token)."""
     mlflow_uri: str | None = None
     """MLflow tracking URI; None gives sqlite:///<out's parent>/mlflow.db."""
     server: str | None = None

@@ -96,6 +96,7 @@ def cli(*args, env=None) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args, needle", [
     (["train", "--preset", "huge"], "unknown preset 'huge'"),
     (["train", "--max-steps", "0"], "max_steps"),
+    (["train", "--token-stride", "0"], "token_stride"),
     (["train", "--set", "d_v"], "FIELD=VALUE"),
     (["train", "--set", "residual=additive", "--set", "d_v=4"], "additive"),
     (["train", "--set", "colour=blue"], "colour"),

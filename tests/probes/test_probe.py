@@ -30,6 +30,15 @@ def test_sites_in_forward_order_and_by_name():
         Probe(model, modules={"attn/0": "blocks.0.attn"})
 
 
+@pytest.mark.parametrize("kw, field", [({"every": 0}, "every"), ({"token_stride": 0}, "token_stride")])
+def test_bad_settings_are_refused_before_any_hook(kw, field):
+    model = tiny()
+    before = _hook_count(model)
+    with pytest.raises(ValueError, match=field):
+        Probe(model, **kw)
+    assert _hook_count(model) == before
+
+
 def test_exit_removes_every_hook():
     model = tiny()
     before = _hook_count(model)
