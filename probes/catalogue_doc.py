@@ -29,6 +29,13 @@ def render() -> str:
         "exception is `k_abs_concentration`, whose mean direction m is that of each forward pass",
         "(one micro-batch on one rank), averaged over the step's tokens.",
         "",
+        "Sampled tokens: the statistics of d-vectors (`h_norm_*`, `h_norm_hist`, `k_*` except",
+        "`k_cos_probe`, and `update_ratio`) read token positions 0, s, 2s, ... of every sequence",
+        "(with t + 1 for `k_cos_token`), s = `Probe(token_stride=)`, 8 by default; their minima,",
+        "maxima and histograms are those of the sample. Gate statistics (`beta_*`, `occ_*`,",
+        "`gate_logit_sat`, `beta_hist`), `write_erase` and the non-finite counts of beta and of the",
+        "update read every token; `token_stride=1` makes every statistic exact.",
+        "",
         "| key | group | unit | meaning |",
         "| --- | --- | --- | --- |",
     ]
