@@ -22,7 +22,6 @@ it into the user's graph: the statistics fuse into the model's own kernels.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +39,7 @@ FUSE_BACKEND = "inductor"
 """torch.compile backend of the fused statistics (tests on CPU use "aot_eager")."""
 FUSE_OPTIONS = {"combo_kernels": True}
 """Inductor options: combine the many small independent reductions into few launches."""
-DEFER = os.environ.get("DELTASCOPE_PROBE_DEFER", "1") != "0"
+DEFER = True
 """Eagerly, compute all sites' statistics in one call over a site axis at the end of the forward
 (compiled on CUDA: one Python call and a few kernels; on CPU: ~8x fewer op dispatches)."""
 
@@ -130,15 +129,16 @@ class _Shared:
         assert self.buf is not None and L is not None
         if all(e is not None for e in pending) and len({tuple(t.shape for t in e if t is not None)
                                                          for e in pending}) == 1:
-            cols = list(zip(*pending, strict=True))  # per input, its tensors over the sites
-            stack = lambda ts, sl=slice(None): torch.stack([t[:, sl] for t in ts])  # noqa: E731
-            X, beta, logit, h, k, v, p, bw, delta = cols
-            n_pairs = len(range(1, k[0].shape[1], st))
+            # each site sampled as site_block samples it (views with a site axis of 1), then
+            # concatenated along that axis: one copy per input for all sites
+            sampled = [_stats.sample(X, h, k, None, st) for X, _, _, h, k, *_ in pending]
+            Xs, hs, ks, kn = (torch.cat(col) for col in list(zip(*sampled, strict=True))[:4])
+            n_pairs = sampled[0][5]
+            _, beta, logit, _, _, v, p, bw, delta = zip(*pending, strict=True)
             sums, mx = self.call(
-                "sites_block", stack(X, slice(None, None, st)), stack(beta),
-                None if logit[0] is None else stack(logit), stack(h, slice(None, None, st)),
-                stack(k, slice(None, None, st)), stack(k, slice(1, None, st)), None, True, n_pairs,
-                stack(v), stack(p), stack(bw), stack(delta), st, *self.consts, self.buf.dtype)
+                "sites_block", Xs, torch.stack(beta), None if logit[0] is None else torch.stack(logit),
+                hs, ks, kn, None, True, n_pairs, torch.stack(v), torch.stack(p), torch.stack(bw),
+                torch.stack(delta), st, *self.consts, self.buf.dtype)
             if sums.shape[1] == L.width:
                 self.buf.narrow(0, 0, L.scalars).add_(sums.reshape(-1))
             seg = self.buf.narrow(0, L.sum_end, mx.numel())

@@ -192,8 +192,7 @@ class Probe:
         if self._closed:
             return
         if self._sh.mode == ACCUM:
-            if self._sh.buf is not None:
-                self._sh.flush()  # sites kept by a forward that stopped short of the last one
+            self._sh.flush()  # sites kept by a forward that stopped short of the last one
             self._join()
             self._submit(step, scalars or {})
         self._sh.mode = ACCUM if (step + 1) % self.every == 0 else OFF
