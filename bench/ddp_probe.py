@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from probe_overhead import run_block  # bench/ is sys.path[0] when run as a script
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddl import DDLModel, presets, with_overrides
@@ -31,22 +32,8 @@ from probes import MemorySink, Probe
 
 
 def block(net, opt, probe, batches, start, n, amp) -> float:
-    times = []
-    for i in range(start, start + n):
-        b = batches[i % len(batches)]
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        with amp:
-            _, loss = net(b[:, :-1], b[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if probe is not None:
-            probe.step(i, scalars={"loss": loss.detach()})
-        e.record()
-        e.synchronize()
-        times.append(a.elapsed_time(e))
-    t = torch.tensor([statistics.median(times)], device="cuda")
+    """bench/probe_overhead.py's timed block on every rank; the slowest rank's median, ms."""
+    t = torch.tensor([run_block(net, opt, probe, batches, start, n, True, amp) * 1e3], device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the step is as slow as the slowest rank
     return float(t)
 

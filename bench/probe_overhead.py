@@ -56,20 +56,31 @@ def make(args, device):
     return model, opt
 
 
+def train_step(net, opt, b, amp):
+    """One optimizer step on the (B, T + 1) token batch ``b``; returns the loss."""
+    with amp:
+        _, loss = net(b[:, :-1], b[:, 1:])
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def run_block(net, opt, probe, batches, start, n, cuda, amp):
+    """Steps ``start`` .. ``start + n - 1``, each timed with a sync at its end: the median, s."""
     times = []
     for i in range(start, start + n):
-        b = batches[i % len(batches)]
         with Timer(cuda) as t:
-            with amp:
-                _, loss = net(b[:, :-1], b[:, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = train_step(net, opt, batches[i % len(batches)], amp)
             if probe is not None:
                 probe.step(i, scalars={"loss": loss.detach()})
         times.append(t.s)
     return statistics.median(times)
+
+
+def arm(probe, cond, step, every):
+    """Compiled runs: the one probe's hooks armed for an "on" block's log steps, else disarmed."""
+    probe._sh.mode = ACCUM if cond == "on" and step % every == 0 else OFF
 
 
 def main() -> None:
@@ -113,7 +124,7 @@ def main() -> None:
                 run_block(net, o, pr, batches, step, args.warmup, cuda, amp)
         else:
             if args.compile:
-                probe._sh.mode = OFF if cond == "off" else (ACCUM if step % args.every == 0 else OFF)
+                arm(probe, cond, step, args.every)
             run_block(net, o, pr, batches, step, args.warmup, cuda, amp)
         step += args.warmup
     for blk in range(args.blocks):
@@ -126,7 +137,7 @@ def main() -> None:
                 sink.records.extend(blk_sink.records)  # a probe closes its sinks on exit
             else:
                 if args.compile:
-                    probe._sh.mode = OFF if cond == "off" else (ACCUM if step % args.every == 0 else OFF)
+                    arm(probe, cond, step, args.every)
                 samples[cond].append(run_block(net, o, pr, batches, step, args.steps, cuda, amp))
             step += args.steps
     if args.compile:

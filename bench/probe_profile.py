@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from probe_overhead import train_step  # bench/ is sys.path[0] when run as a script
 from torch.profiler import ProfilerActivity, profile
 
 from ddl import DDLModel, presets, with_overrides
@@ -23,25 +24,16 @@ from probes import Probe
 from probes.sinks import MemorySink
 
 
-def step_fn(model, opt, batch, amp):
-    with amp:
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
-
-
 def measure(model, opt, batch, amp, probe, start, n):
     for i in range(start, start + 3):  # warm-up (and compile) outside the trace
-        loss = step_fn(model, opt, batch, amp)
+        loss = train_step(model, opt, batch, amp)
         if probe is not None:
             probe.step(i, scalars={"loss": loss.detach()})
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for i in range(start + 3, start + 3 + n):
-            loss = step_fn(model, opt, batch, amp)
+            loss = train_step(model, opt, batch, amp)
             if probe is not None:
                 probe.step(i, scalars={"loss": loss.detach()})
         torch.cuda.synchronize()
