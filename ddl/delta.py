@@ -6,6 +6,10 @@ Each DeltaResidual owns the child modules the probes hook (the hook contract; ke
 - ``k_dir``: forward(h) -> unit k, fp32; its forward input is the raw h whose norm is discarded.
 - ``write``: forward(v, p, beta) -> beta * (v - p), the scalars written along k; p = k^T X.
 A forward hook that returns a value replaces the module's output: tests inject faults that way.
+
+With ``cfg.fused_delta`` a site may skip ``k_dir`` and ``write`` and run ``ddl.fused`` instead (one
+Triton kernel, k never materialised); it does so only while neither module has a forward hook or
+forward pre-hook, so a hooked site always runs, and taps, the unfused path: the contract holds.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from ddl import fused
 from ddl.config import DDLConfig
 
 
@@ -93,6 +98,7 @@ class DeltaResidual(nn.Module):
             )
         self.v_proj = nn.Linear(cfg.d_model, cfg.d_v, bias=True)
         self.v_scale = cfg.v_scale
+        self.fused_delta = cfg.fused_delta
 
     def forward(self, X: torch.Tensor, h: torch.Tensor, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """X: state (B, T, d) or (B, T, d, d_v); h: sublayer output; c: its normalised input;
@@ -101,12 +107,12 @@ class DeltaResidual(nn.Module):
         if self.geometry == "v_map":
             k = self.k_dir(self.k_source(c))
             v = self.v_proj(h).float()
+        elif self._fuse(X):
+            # k and p stay in registers; beta and v come from their own modules, as unfused
+            return fused.delta_update_dv1(X, h, self._value(c, u), beta, self.k_dir.eps)
         else:
             k = self.k_dir(h)  # (B, T, d) fp32
-            if self.value_head == "code":
-                v = self.v_scale * torch.sigmoid(self.v_proj(u).float())
-            else:
-                v = self.v_proj(c).float()  # (B, T, d_v)
+            v = self._value(c, u)  # (B, T, d_v) fp32
         if self.d_v == 1:
             p = (k * X.float()).sum(-1, keepdim=True)  # (B, T, 1)
             delta = self.write(v, p, beta)
@@ -114,3 +120,15 @@ class DeltaResidual(nn.Module):
         p = torch.einsum("btd,btdj->btj", k, X.float())  # (B, T, d_v)
         delta = self.write(v, p, beta)  # (B, T, d_v)
         return X + (k.unsqueeze(-1) * delta.unsqueeze(-2)).to(X.dtype)  # (B, T, d, d_v)
+
+    def _value(self, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """k_map's value head, (B, T, d_v) fp32."""
+        if self.value_head == "code":
+            return self.v_scale * torch.sigmoid(self.v_proj(u).float())
+        return self.v_proj(c).float()
+
+    def _fuse(self, X: torch.Tensor) -> bool:
+        """Whether this call takes the fused op (k_map): flag on, d_v = 1, CUDA, taps unhooked."""
+        taps = (self.k_dir, self.write)
+        return (self.fused_delta and self.d_v == 1 and fused.supported(X)
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in taps))
