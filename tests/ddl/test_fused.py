@@ -1,0 +1,354 @@
+"""ddl.fused: the fused scalar delta update against float64 autograd, the unfused path and compile.
+
+Each numerics test runs the op's two implementations: 'torch' (its PyTorch formulas, hand-written
+backward included: always) and 'triton' (the real kernels on CPU tensors under Triton's interpreter:
+only when triton is importable and TRITON_INTERPRET=1 was set before the run). The gpu-marked tests
+run the kernels compiled, on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.testing
+from pydantic import ValidationError
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ddl import DDLConfig, DDLModel, fused, with_overrides
+from ddl.delta import DeltaResidual
+
+EPS = 1e-5
+SMALL = dict(vocab_size=97, block_size=24, n_layer=2, n_head=2, head_dim=8, d_model=16)
+INTERPRET = fused.HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+cuda_kernels = pytest.mark.skipif(not (torch.cuda.is_available() and fused.HAS_TRITON), reason="needs CUDA and triton")
+
+# Error bounds, relative to the largest magnitude in the tensor compared (a row reduction's rounding
+# error scales with the row's magnitudes, not with each element, which may cancel to ~0):
+# - fp32 results: fp32 dot products over d <= 1000 terms, sqrt and division (approximate on the
+#   GPU, a few ulp) err by well under 1e-5 of the scale (2^-24 = 6e-8 per operation).
+# - bf16 results: rounding to bf16 costs half an ulp, 2^-8 of the value; the forward rounds twice
+#   (the update, then the sum) as X + (k delta).to(bf16) does, so 2^-7 of the scale bounds it.
+#   Triton's CPU interpreter (3.9) truncates fp32 -> bf16 where the GPU rounds to nearest even: a
+#   whole ulp a rounding, so 2^-6 there.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
+TOL_INTERPRETED = {**TOL, torch.bfloat16: 2**-6}
+
+
+@pytest.fixture(params=["torch", "triton"])
+def impl(request, monkeypatch):
+    """Which implementation the op runs on CPU tensors."""
+    if request.param == "torch":
+        monkeypatch.setattr(fused, "_use_triton", lambda t: False)
+    elif not INTERPRET:
+        pytest.skip("the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1 (its interpreter)")
+    return request.param
+
+
+def naive64(X, h, v, beta, eps=EPS):
+    """X + beta k (v - k.X), k = h / sqrt(||h||^2 + eps^2), all in float64."""
+    X, h, v, beta = (t.double() for t in (X, h, v, beta))
+    k = h / torch.sqrt((h * h).sum(-1, keepdim=True) + eps**2)
+    return X + k * (beta * (v - (k * X).sum(-1, keepdim=True)))
+
+
+def inputs(lead, d, x_dtype=torch.float32, h_dtype=torch.float32, beta="uniform", h_size="normal",
+           device="cpu", seed=0):
+    """X, h, v, beta as leaves that require grad, and an upstream gradient g in X's dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(*lead, d, generator=gen)
+    h = torch.randn(*lead, d, generator=gen)
+    if h_size == "tiny":  # ||h|| ~ 1e-7 sqrt(d) << eps: the eps guard decides k; one row exactly 0
+        h = h * 1e-7
+        h.view(-1, d)[0] = 0
+    v = 4 * torch.rand(*lead, 1, generator=gen)
+    u = torch.rand(*lead, 1, generator=gen)
+    b = {"uniform": 2 * u, "near0": 1e-4 * u, "near2": 2 - 1e-4 * u}[beta]
+    g = torch.randn(*lead, d, generator=gen)
+    cast = {"X": x_dtype, "h": h_dtype, "v": torch.float32, "beta": torch.float32}
+    leaves = {n: t.to(device, cast[n]).requires_grad_() for n, t in zip(cast, (X, h, v, b), strict=True)}
+    return leaves, g.to(device, x_dtype)
+
+
+def assert_near(got, want, tol, what=""):
+    err = (got.double() - want.double()).abs().max().item()
+    scale = want.double().abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} * scale {scale:.3g}"
+
+
+def check_against_float64(lead, d, x_dtype, h_dtype, beta, h_size, device="cpu", interpreted=False):
+    tol = TOL_INTERPRETED if interpreted else TOL
+    t, g = inputs(lead, d, x_dtype, h_dtype, beta, h_size, device)
+    out = fused.delta_update_dv1(t["X"], t["h"], t["v"], t["beta"], EPS)
+    got = dict(zip(t, torch.autograd.grad(out, list(t.values()), g), strict=True))
+    ref = {n: x.detach().double().requires_grad_() for n, x in t.items()}  # the same, rounded inputs
+    want_out = naive64(*ref.values())
+    want = dict(zip(ref, torch.autograd.grad(want_out, list(ref.values()), g.double()), strict=True))
+    assert out.dtype == x_dtype and out.shape == t["X"].shape
+    assert_near(out, want_out, tol[x_dtype], "out")
+    for n in t:
+        assert got[n].dtype == t[n].dtype and got[n].shape == t[n].shape
+        assert_near(got[n], want[n], tol[t[n].dtype], f"grad_{n}")
+
+
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+          (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+dtype_ids = ["fp32", "bf16", "X32-h16", "X16-h32"]
+
+
+# -- the op's numerics, both implementations on CPU ------------------------------------------------
+@pytest.mark.parametrize("d", [16, 13, 200])  # 13, 200: masked columns; 200: several programs, last one part-full
+@pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES, ids=dtype_ids)
+def test_forward_and_grads_match_float64(impl, d, x_dtype, h_dtype):
+    check_against_float64((2, 5), d, x_dtype, h_dtype, "uniform", "normal", interpreted=impl == "triton")
+
+
+@pytest.mark.parametrize("beta", ["near0", "near2"])
+@pytest.mark.parametrize("h_size", ["normal", "tiny"])
+@pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:2], ids=dtype_ids[:2])
+def test_edge_regimes_match_float64(impl, beta, h_size, x_dtype, h_dtype):
+    check_against_float64((3, 4), 24, x_dtype, h_dtype, beta, h_size, interpreted=impl == "triton")
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_beta_zero_is_exact_identity(impl, x_dtype):
+    t, g = inputs((2, 3), 20, x_dtype, x_dtype)
+    beta = torch.zeros(2, 3, 1, requires_grad=True)
+    out = fused.delta_update_dv1(t["X"], t["h"], t["v"], beta, EPS)
+    gX, gv = torch.autograd.grad(out, (t["X"], t["v"]), g)
+    assert torch.equal(out, t["X"]) and torch.equal(gX, g)
+    assert torch.equal(gv, torch.zeros_like(gv))
+
+
+def test_beta_one_overwrites_readout_and_beta_two_reflects(impl):
+    t, _ = inputs((2, 3), 20)
+    X, h, v = t["X"].detach(), t["h"].detach(), t["v"].detach()
+    k = h.double() / h.double().norm(dim=-1, keepdim=True)
+    out = fused.delta_update_dv1(X, h, v, torch.ones_like(v), EPS)
+    torch.testing.assert_close((k * out.double()).sum(-1, keepdim=True), v.double(), rtol=1e-5, atol=1e-5)
+    out = fused.delta_update_dv1(X, h, torch.zeros_like(v), torch.full_like(v, 2.0), EPS)
+    torch.testing.assert_close(out.norm(dim=-1), X.norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_noncontiguous_broadcast_and_empty(impl):
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(5, 2, 3, 13, generator=gen).transpose(0, 1).requires_grad_()  # (2, 5, 3, 13), strided
+    h = torch.randn(2, 5, 3, 26, generator=gen)[..., ::2].requires_grad_()  # last dim stride 2
+    v = torch.rand(2, 5, 3, 1, generator=gen).requires_grad_()
+    beta = torch.tensor([[[[1.3]]]], requires_grad=True)  # (1, 1, 1, 1), broadcast to every token
+    out = fused.delta_update_dv1(X, h, v, beta, EPS)
+    grads = torch.autograd.grad(out.square().sum(), (X, h, v, beta))
+    ref = [x.detach().double().requires_grad_() for x in (X, h, v, beta)]
+    want_out = naive64(*ref)
+    want = torch.autograd.grad(want_out.square().sum(), ref)
+    assert_near(out, want_out, 1e-5, "out")
+    for n, a, b in zip(["X", "h", "v", "beta"], grads, want, strict=True):
+        assert a.shape == b.shape
+        assert_near(a, b, 1e-5, f"grad_{n}")
+    e = torch.zeros(0, 7, requires_grad=True)
+    out = fused.delta_update_dv1(e, e, torch.zeros(0, 1), torch.zeros(0, 1), EPS)
+    assert out.shape == (0, 7) and torch.autograd.grad(out.sum(), e)[0].shape == (0, 7)
+
+
+@pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:3], ids=dtype_ids[:3])
+def test_opcheck(impl, x_dtype, h_dtype):
+    """Schema, fake kernel against the real one, autograd registration, and AOT dispatch."""
+    t, _ = inputs((3, 4), 13, x_dtype, h_dtype)
+    torch.library.opcheck(torch.ops.deltascope.delta_update_dv1.default, (*t.values(), EPS))
+
+
+# -- the op inside DeltaResidual and the model ------------------------------------------------------
+def test_reference_is_the_unfused_path_bit_for_bit():
+    """delta_update_dv1_reference is DeltaResidual's unfused d_v = 1 path, op for op."""
+    for value_head, dtype in [("code", torch.float32), ("paper", torch.float32), ("code", torch.bfloat16)]:
+        cfg = DDLConfig(**SMALL, value_head=value_head)
+        torch.manual_seed(0)
+        m = DeltaResidual(cfg, "attn", 0)
+        gen = torch.Generator().manual_seed(1)
+        X, h, c = (torch.randn(2, 5, 16, generator=gen) for _ in range(3))
+        X = X.to(dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            got = m(X, h, c, X)
+            want = fused.delta_update_dv1_reference(X, h, m._value(c, X), m.beta_gate(c), cfg.k_eps)
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_torch_formulas_forward_is_the_reference_bit_for_bit(monkeypatch):
+    monkeypatch.setattr(fused, "_use_triton", lambda t: False)
+    t, _ = inputs((2, 5), 13, torch.bfloat16, torch.float32)
+    args = [x.detach() for x in t.values()]
+    assert torch.equal(fused.delta_update_dv1(*args, EPS), fused.delta_update_dv1_reference(*args, EPS))
+
+
+def test_config_flag():
+    assert DDLConfig().fused_delta is False
+    assert with_overrides(DDLConfig(**SMALL), fused_delta=True).fused_delta is True
+    with pytest.raises(ValidationError, match="fused_delta"):
+        with_overrides(DDLConfig(**SMALL), fused_delta="sometimes")
+
+
+def models(**kw) -> tuple[DDLModel, DDLModel]:
+    """An unfused model and its fused_delta twin with the same weights."""
+    torch.manual_seed(0)
+    plain = DDLModel(DDLConfig(**{**SMALL, **kw}))
+    twin = DDLModel(DDLConfig(**{**SMALL, **kw, "fused_delta": True}))
+    twin.load_state_dict(plain.state_dict())
+    return plain, twin
+
+
+def train_step(model: DDLModel, seed: int = 4):
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _, loss = model(idx, idx.roll(-1, 1))
+    loss.backward()
+    named = [(n.removeprefix("_orig_mod."), p) for n, p in model.named_parameters()]  # compiled: same keys
+    grads = {n: p.grad.clone() for n, p in named}
+    opt.step()
+    return loss.detach(), grads, {n: p.detach().clone() for n, p in named}
+
+
+def test_flag_on_cpu_trains_bit_for_bit_as_off():
+    """On CPU the flag falls back to the unfused path: the same step, bit for bit."""
+    plain, twin = models()
+    assert not fused.supported(torch.zeros(1, 16))
+    for a, b in zip(train_step(plain), train_step(twin), strict=True):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+        else:
+            assert torch.equal(a, b)
+
+
+class OpCalls(TorchDispatchMode):
+    """Counts the fused forward op's calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.deltascope.delta_update_dv1.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kw", [{}, {"value_head": "paper", "beta_fixed": 0.7}], ids=["code", "paper,fixed"])
+def test_fused_model_step_matches_unfused(impl, monkeypatch, kw):
+    """With the op taken on CPU, a training step matches the unfused model's within fp32 rounding."""
+    monkeypatch.setattr(fused, "supported", lambda X: True)
+    plain, twin = models(**kw)
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    with OpCalls() as calls:
+        twin(idx)
+    assert calls.n == 2 * SMALL["n_layer"]
+    # grads, not the stepped weights: Adam's first step is lr * g / |g|, ill-conditioned where g ~ 0
+    (la, ga, _), (lb, gb, _) = train_step(plain), train_step(twin)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("tap", ["k_dir", "write"])
+@pytest.mark.parametrize("kind", ["forward_hook", "forward_pre_hook"])
+def test_hooked_taps_keep_the_unfused_path(monkeypatch, tap, kind):
+    """The hook contract: a hook on k_dir or write sees its site's forward, so the site is unfused."""
+    monkeypatch.setattr(fused, "supported", lambda X: True)
+    plain, twin = models()
+    seen = []
+    hooked = twin.delta_residuals()[1]
+    getattr(getattr(hooked, tap), f"register_{kind}")(lambda mod, *a: seen.append(mod))
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    with OpCalls() as calls:
+        twin(idx)
+    assert len(seen) == 1 and calls.n == 2 * SMALL["n_layer"] - 1
+
+
+@pytest.mark.slow
+def test_compiled_fullgraph_keeps_the_op_and_matches_eager(impl, monkeypatch):
+    """One graph, the op in it once per site, and eager's unfused loss and grads (aot_eager on CPU)."""
+    monkeypatch.setattr(fused, "supported", lambda X: True)
+    torch._dynamo.reset()
+    plain, twin = models()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(twin, fullgraph=True, backend=counter)  # a graph break raises
+    (la, ga, _), (lb, gb, _) = train_step(plain), train_step(compiled)
+    assert counter.frame_count == 1
+    ops = [n for n in counter.graphs[0].graph.nodes if str(n.target).startswith("deltascope.delta_update_dv1")]
+    assert len(ops) == 2 * SMALL["n_layer"]
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6)
+
+
+# -- CUDA: the kernels compiled by Triton ---------------------------------------------------------
+@pytest.mark.gpu
+@cuda_kernels
+@pytest.mark.parametrize("d", [768, 1000, 13])
+@pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:3], ids=dtype_ids[:3])
+def test_cuda_forward_and_grads_match_float64(d, x_dtype, h_dtype):
+    check_against_float64((4, 64), d, x_dtype, h_dtype, "uniform", "normal", device="cuda")
+
+
+@pytest.mark.gpu
+@cuda_kernels
+@pytest.mark.parametrize("beta", ["near0", "near2"])
+@pytest.mark.parametrize("h_size", ["normal", "tiny"])
+def test_cuda_edge_regimes_match_float64(beta, h_size):
+    check_against_float64((4, 64), 768, torch.bfloat16, torch.bfloat16, beta, h_size, device="cuda")
+
+
+@pytest.mark.gpu
+@cuda_kernels
+@pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:3], ids=dtype_ids[:3])
+def test_cuda_opcheck(x_dtype, h_dtype):
+    t, _ = inputs((3, 40), 768, x_dtype, h_dtype, device="cuda")
+    torch.library.opcheck(torch.ops.deltascope.delta_update_dv1.default, (*t.values(), EPS))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@cuda_kernels
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp):
+    """Inductor keeps the op, one graph; loss and grads match the eager unfused model.
+
+    fp32 (TF32 off): the two differ only by fp32 rounding orders, 1e-4 relative on the grads.
+    bf16 autocast: inductor and eager round the bf16 matmuls differently; 2e-2 on the loss and 5e-2
+    on each grad's norm of difference, relative to its norm, leave room for a few bf16 roundings."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch._dynamo.reset()
+    plain, twin = (m.cuda() for m in models(block_size=64))
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(twin, fullgraph=True, backend=counter)
+    idx = torch.randint(0, 97, (4, 64), generator=torch.Generator().manual_seed(5)).cuda()
+    losses = []
+    for net in (plain, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            _, loss = net(idx, idx.roll(-1, 1))
+        loss.backward()
+        losses.append(loss.detach())
+    assert counter.frame_count == 1
+    ops = [n for n in counter.graphs[0].graph.nodes if str(n.target).startswith("deltascope.delta_update_dv1")]
+    assert len(ops) == 2 * SMALL["n_layer"]
+    if not amp:
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        for (n, a), b in zip(plain.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+        return
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=0)
+    for (n, a), b in zip(plain.named_parameters(), twin.parameters(), strict=True):
+        rel = ((b.grad - a.grad).norm() / a.grad.norm()).item()
+        assert rel < 5e-2, f"{n}: relative grad difference {rel:.3g}"
+
+
+@pytest.mark.gpu
+@cuda_kernels
+def test_cuda_model_takes_the_fused_op():
+    _, twin = models()
+    twin = twin.cuda()
+    assert fused.supported(torch.zeros(1, 16, device="cuda"))
+    with OpCalls() as calls:
+        twin(torch.randint(0, 97, (2, 16), device="cuda"))
+    assert calls.n == 2 * SMALL["n_layer"]
