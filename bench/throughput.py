@@ -17,11 +17,12 @@ import time
 
 import torch
 
-from ddl import DDLModel, presets, with_overrides
+from ddl import DDLModel, fused, presets, with_overrides
 
 VARIANTS = {
     "additive": {"residual": "additive"},
     "ddl_dv1": {},
+    "ddl_dv1_fused": {"fused_delta": True},  # ddl.fused: one Triton kernel each way per site
     "ddl_dv4_cc_ec": {"d_v": 4, "compressor": "cc", "expansion": "ec"},
 }
 
@@ -41,6 +42,9 @@ def step_fn(model, opt, amp_dtype):
 def measure(name: str, overrides: dict, args) -> dict:
     torch.manual_seed(0)
     cfg = with_overrides(presets[args.preset], **overrides, block_size=args.seq)
+    if cfg.fused_delta and not fused.supported(torch.empty(1, cfg.d_model, device="cuda")):
+        sys.exit(f"{name}: ddl.fused cannot run here (needs triton, d_model <= {fused.MAX_D}); "
+                 "it would time the unfused path")
     model = DDLModel(cfg).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     net = torch.compile(model) if args.compile else model
