@@ -121,10 +121,11 @@ class _Shared:
     def flush(self) -> None:
         """Turn the sites kept this forward into statistics: one fused call for all of them when
         every site ran with the same shapes (the usual forward), else one call per site."""
-        pending = self.pending
+        pending = list(self.pending)
         if all(e is None for e in pending):
             return
-        self.pending = [None] * self.n_sites
+        for i in range(self.n_sites):  # in place: under dynamo the list's final state is all None,
+            self.pending[i] = None      # so no kept tensor becomes an output of the user's graph
         L, st = self.layout, self.stride
         assert self.buf is not None and L is not None
         if all(e is not None for e in pending) and len({tuple(t.shape for t in e if t is not None)
@@ -227,7 +228,7 @@ class SiteHooks:
         X = args[0] if args else kwargs["X"]
         sh.ensure(X.device, X.shape[2])
         h, k = hk
-        if sh.defer and not torch.compiler.is_compiling():
+        if sh.defer:
             # keep the tensors (autograd holds X and k anyway) until the last site of the forward
             sh.consts = self.consts
             sh.pending[self.i] = (X, beta, logit, h, k, *vpbd)
