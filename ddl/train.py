@@ -225,9 +225,11 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.eval_every == 0 and step > 0 or last:
                 val = evaluate(net, corpus, cfg, B, T, d, device, amp)
                 summary["val_loss"] = val
+                if probe is not None:  # in order with its records; its worker may own the sinks
+                    probe.log(step, {"val_loss": val})
+                elif d.main:
+                    fanout.write(step, {"val_loss": val})
                 if d.main:
-                    for s in sinks:
-                        s.write(step, {"val_loss": val})
                     bar.write(f"step {step:>6} | val_loss {val:.4f}", file=sys.stderr)
             if probe is not None and probe.checkpoint_requested and d.main:
                 save_checkpoint(ckpt, model, opt, step, cfg)

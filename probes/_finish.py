@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from probes._layout import BETA_HIST, H_HIST, K_SUM, MAX_SLOTS, SLOT, Layout
+from probes._layout import BETA_HIST, H_HIST, K_SUM, MAX_SLOTS, SLOT, TINY, Layout
 from probes.sink import Histogram
 from server.catalogue import BETA_BINS, H_NORM_BINS, H_NORM_LOG10_RANGE, key
 
@@ -79,6 +79,21 @@ class Finisher:
         self._keys: dict[str, list[str]] = {}
         self.per_site: dict[tuple[str, int], dict[str, float]] = {}
         """The last :meth:`finish`'s statistics grouped by (site, layer), for the Detector."""
+        self.prev_dir: np.ndarray | None = None  # (n_sites, d) each site's last mean direction of k
+        self.prev_seen = np.zeros(len(sites), dtype=bool)
+
+    def _cos_step(self, ksum: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """|cos| between each site's mean direction of k now and at the last log step that saw the
+        site: (values, where defined). Here on the host, from the sums of k that the buffer
+        carries anyway (merged over ranks): no device op on the training thread."""
+        m = ksum / np.maximum(np.linalg.norm(ksum, axis=1, keepdims=True), TINY)
+        if self.prev_dir is None or self.prev_dir.shape != m.shape:
+            self.prev_dir, self.prev_seen = np.zeros_like(m), np.zeros(len(m), dtype=bool)
+        cos = np.minimum(np.abs((m * self.prev_dir).sum(axis=1)), 1.0)
+        valid = self.prev_seen & seen
+        self.prev_dir = np.where(seen[:, None], m, self.prev_dir)
+        self.prev_seen = self.prev_seen | seen
+        return cos, valid
 
     def _key(self, stat: str) -> list[str]:
         keys = self._keys.get(stat)
@@ -134,7 +149,7 @@ class Finisher:
                 ("k_unit_err", mx[:, 2], has_h),
                 ("k_concentration", ksum_norm / n_h, has_h),
                 ("k_abs_concentration", col("k_abs_sum") / n_h, has_h),
-                ("k_cos_step", col("k_cos_step"), col("k_cos_step_valid") > 0),
+                ("k_cos_step", *self._cos_step(S[:, K_SUM : K_SUM + layout.d], has_h)),
                 ("k_cos_token", col("k_cos_token_sum") / col("n_token_pair"), col("n_token_pair") > 0),
                 ("k_cos_layer", col("k_cos_layer_sum") / col("n_layer_pair"), col("n_layer_pair") > 0),
                 ("k_cos_probe", col("k_cos_probe_sum") / col("n_probe"), col("n_probe") > 0),

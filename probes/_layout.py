@@ -28,20 +28,20 @@ WRITE_SLOTS = ("write_num", "write_den", "n_update", "update_sum", "nonfinite_de
 """The write hook."""
 PROBE_SLOTS = ("n_probe", "k_cos_probe_sum")
 """The k_dir hook during the fixed probe batch run."""
-STEP_SLOTS = ("k_cos_step", "k_cos_step_valid")
-"""Written at ``Probe.step`` after the all-reduce, never reduced."""
 K_SLOTS = ("n_h", "h_norm_sum", "k_abs_sum", "n_token_pair", "k_cos_token_sum", "nonfinite_h")
 """k_dir's input h and output k; then the log10 ||h|| histogram, then the sum of k (d values)."""
 
 _ORDER = (
     *BETA_SLOTS, *(f"beta_hist{i}" for i in range(BETA_BINS)), *LOGIT_SLOTS, *LAYER_SLOTS,
-    *WRITE_SLOTS, *PROBE_SLOTS, *STEP_SLOTS, *K_SLOTS, *(f"h_hist{i}" for i in range(H_NORM_BINS)),
+    *WRITE_SLOTS, *PROBE_SLOTS, *K_SLOTS, *(f"h_hist{i}" for i in range(H_NORM_BINS)),
 )
 SLOT: dict[str, int] = {name: i for i, name in enumerate(_ORDER)}
 """Offset of every named slot inside a site's sum block."""
 BETA_HIST = SLOT["beta_hist0"]
 H_HIST = SLOT["h_hist0"]
 K_SUM = len(_ORDER)
+TINY = 1e-30
+"""Floor for norms we divide by or take the log of (representable in fp32)."""
 MAX_SLOTS = ("h_norm_max", "h_norm_negmin", "k_unit_err")
 """Per site, reduced with MAX: largest ||h||, minus the smallest ||h||, max | ||k|| - 1 |."""
 

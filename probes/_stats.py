@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from probes._layout import TINY
 from server.catalogue import BETA_BINS, H_NORM_BINS, H_NORM_LOG10_RANGE
 
-TINY = 1e-30
-"""Floor for norms we divide by or take the log of (representable in fp32)."""
 F32 = torch.float32
 
 
@@ -184,7 +183,6 @@ def sites_block(
         zeros2 if layer is None else layer,
         write_block(v, p, beta_w, delta, x_norm(X), stride, dtype),
         zeros2,  # PROBE_SLOTS: the probe batch run
-        zeros2,  # STEP_SLOTS: written at Probe.step
         run_k,
     ], dim=1), mx
 

@@ -12,11 +12,14 @@ Life of a log step s (the hooks are active during step s iff s is a log step):
 2. ``step(s)`` waits for the host thread to finish the previous log step and applies its alerts
    (callbacks, stop/checkpoint flags): the same decisions on every rank at the same step;
 3. it runs the fixed probe batch if due, all-reduces the buffer under DDP (two collectives: SUM
-   over sums and device scalars, MAX over maxima and negated minima), computes the step-to-step
-   cosine of mean directions on the device, copies the buffer into pinned host memory with one
-   non-blocking copy, records a CUDA event and hands the lot to the host thread (bounded queue);
+   over sums and device scalars, MAX over maxima and negated minima), copies the buffer into
+   pinned host memory with one non-blocking copy, records a CUDA event and hands the lot to the
+   host thread (bounded queue);
 4. the host thread waits for the event (blocked in the driver without the GIL; the training
-   thread never waits on the device), finishes the statistics (``_finish``), runs the Detector and writes to the sinks.
+   thread never waits on the device), then either hands the raw buffer to the probe's worker
+   process, which finishes the statistics (``_finish``), runs the Detector and writes to the sinks
+   (``host="process"``, the default on CUDA: ``_worker`` says why), or does that work itself
+   (``host="thread"``).
 Between log steps nothing happens but a Python bool flip.
 """
 
@@ -35,19 +38,20 @@ import torch.distributed as dist
 from torch import nn
 
 from probes._discover import find_sites, unwrap
-from probes._finish import Finisher
 from probes._hooks import ACCUM, OFF, PROBE, SiteHooks, _Shared
-from probes._layout import K_SUM, SLOT, Layout
-from probes._stats import TINY
-from probes.sink import Histogram, Sink
+from probes._layout import Layout
+from probes._worker import HostConfig, HostSide, StepMeta, Worker, WorkerLost, apply_report, movable
+from probes.sink import Sink
 from probes.sinks.fanout import FanoutSink
-from server.rules import Alert, Detector, Transition
+from server.rules import Alert, Transition
 from server.thresholds import Thresholds
 
 log = logging.getLogger("deltascope.probes")
 
 TOKEN_STRIDE = 8
 """Default ``token_stride``: d-vector statistics from every 8th token position."""
+HOSTS = ("auto", "thread", "process")
+"""Where a probe's host work runs: ``Probe(host=)``."""
 ACTIONS = ("log", "checkpoint", "stop")
 """What an ``on_alert`` callback may return (or None)."""
 AlertCallback = Callable[[Transition], str | None]
@@ -65,6 +69,8 @@ class ProbeStats:
 
 @dataclass
 class _Job:
+    """One log step for the host thread; or, with ``extra``, host scalars written in order."""
+
     step: int
     event: Any  # torch.cuda.Event or None
     host: torch.Tensor | None
@@ -73,6 +79,7 @@ class _Job:
     scalar_names: list[str]
     host_scalars: dict[str, float]
     world: int
+    extra: bool = False
 
 
 class Probe:
@@ -93,6 +100,12 @@ class Probe:
         (so a resumed run logs the steps it would have logged), the first step too when 0.
     ``fuse``: run the hooks' statistics as torch.compile'd fused kernels when the model runs
         eagerly (None: on CUDA only; a model compiled by the user inlines them either way).
+    ``host``: where the host work (finishing, the Detector, the sinks) runs. "process": a child
+        process (``probes._worker``), so that its Python never holds the training process's GIL;
+        sinks that can (TensorBoard, MLflow, JSONL) move there, the others (MemorySink, your own)
+        get the finished records back in this process. "thread": the probe's host thread.
+        "auto" (default): "process" when the model is on CUDA, else "thread". If the worker cannot
+        start or dies, the probe says so once and goes on with "thread".
     ``token_stride``: the statistics of d-vectors (||h||, every k statistic, the update ratio)
         read token positions 0, s, 2s, ... of every sequence (and t + 1 for ``k_cos_token``);
         1 reads every token, at about 8x the device cost of the default. The gate (beta, logit),
@@ -115,7 +128,10 @@ class Probe:
         start_step: int = 0,
         fuse: bool | None = None,
         token_stride: int = TOKEN_STRIDE,
+        host: str = "auto",
     ) -> None:
+        if host not in HOSTS:
+            raise ValueError(f"host must be one of {', '.join(HOSTS)}, got {host!r}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         if token_stride < 1:
@@ -160,13 +176,21 @@ class Probe:
             logit = getattr(m.beta_gate, "logit", None)  # absent when beta is fixed
             if isinstance(logit, nn.Module):
                 self._handles.append(logit.register_forward_hook(hk.logit))
-        self._prev_dir: torch.Tensor | None = None  # (n_sites, d) last log step's mean directions
-        self._prev_valid: torch.Tensor | None = None  # (n_sites,) 1 where _prev_dir is set
 
-        self.sink = FanoutSink(list(sinks))
-        self._detector = Detector(self.thresholds, self.beta_max, run)
-        self._finisher = Finisher(self.sites, self.beta_max)
         self.stats = ProbeStats()
+        self._faults: set[str] = set()
+        self._cfg = HostConfig(self.sites, self.beta_max, self.thresholds, run)
+        self._sinks = list(sinks)
+        on_cuda = param is not None and param.device.type == "cuda"
+        self._worker: Worker | None = None
+        self._moved: list[Sink] = []  # written by the worker; this process keeps them idle, as fallback
+        if host == "process" or (host == "auto" and on_cuda):
+            self._start_worker()
+        local = [s for s in self._sinks if not any(s is m for m in self._moved)]
+        self._host: HostSide | None = None if self._worker is not None else HostSide(self._cfg, local)
+        self.sink = self._host.sink if self._host is not None else FanoutSink(local)
+        """The sinks written in this process: all of them on the host thread; in process mode
+        those that stayed (each moved sink's ``stats`` are updated at ``flush`` and ``close``)."""
         self.stop_requested = False
         self.checkpoint_requested = False
         self.transitions: list[Transition] = []
@@ -176,7 +200,6 @@ class Probe:
         self._lock = threading.Lock()
         self._done: list[Transition] = []  # host thread -> training thread, applied at a log step
         self._latest: tuple[list[Alert], str] = ([], "healthy")
-        self._faults: set[str] = set()
         self._pool: list[torch.Tensor] = []  # free pinned host buffers
         self._pinned = 0
         self._queue_size = queue_size
@@ -184,6 +207,20 @@ class Probe:
         self._thread = threading.Thread(target=self._loop, name="deltascope-probe", daemon=True)
         self._thread.start()
         self._closed = False
+
+    def _start_worker(self) -> None:
+        blobs = [(s, b) for s in self._sinks if (b := movable(s)) is not None]
+        try:
+            self._worker = Worker(self._cfg, [b for _, b in blobs])
+        except (OSError, WorkerLost) as e:
+            log.warning("deltascope probe worker did not start (%s): the probe's host thread does its work", e)
+            return
+        self._moved = [s for s, _ in blobs]
+
+    @property
+    def host(self) -> str:
+        """Where the host work runs now: "process" or "thread"."""
+        return "process" if self._worker is not None else "thread"
 
     # -- the training thread --------------------------------------------------------------------
     def step(self, step: int, scalars: Mapping[str, float | torch.Tensor] | None = None) -> None:
@@ -197,10 +234,28 @@ class Probe:
             self._submit(step, scalars or {})
         self._sh.mode = ACCUM if (step + 1) % self.every == 0 else OFF
 
+    def log(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Write host scalars that are not part of a training step's record (e.g. a validation
+        loss) to the probe's sinks, in order with its records. In process mode this is the way to
+        reach a sink the worker writes."""
+        if self._closed:
+            return
+        self._enqueue(_Job(step, None, None, False, None, [], {k: float(v) for k, v in scalars.items()}, 1,
+                           extra=True), count=False)
+
     def flush(self) -> None:
         """Drain the host thread, apply every pending alert, flush the sinks."""
         self._join()
+        if self._worker is not None:  # the host thread is idle after the join: the socket is ours
+            try:
+                self._reports(self._worker.flush(timeout=120))
+            except WorkerLost as e:
+                self._worker_lost(e)
         self.sink.flush()
+
+    def _reports(self, reports: list[dict[str, Any]] | None) -> None:
+        for s, rep in zip(self._moved, reports or [], strict=False):
+            apply_report(s, rep)
 
     def close(self) -> None:
         """Flush, remove every hook, stop the host thread, close the sinks. Idempotent."""
@@ -213,6 +268,11 @@ class Probe:
         self._closed = True
         self._q.put(None)
         self._thread.join(timeout=30)
+        if self._worker is not None:
+            self._reports(self._worker.close(timeout=120))
+            self._worker = None
+        for s in self._moved:  # idle copies: their threads never wrote
+            s.close()
         self.sink.close()
 
     def __enter__(self) -> Probe:
@@ -279,7 +339,6 @@ class Probe:
         if self._probe_due(step):
             self._run_probe_batch(step)
         world = self._all_reduce()
-        self._cos_step()
         event, host, pooled = self._copy_out()
         layout = sh.layout
         sh.reset()
@@ -289,10 +348,10 @@ class Probe:
             return
         self._enqueue(_Job(step, event, host, pooled, layout, names, host_sc, world))
 
-    def _enqueue(self, job: _Job) -> None:
+    def _enqueue(self, job: _Job, count: bool = True) -> None:
         try:
             self._q.put_nowait(job)
-            self.stats.log_steps += 1
+            self.stats.log_steps += count
         except queue.Full:
             self.stats.dropped += 1
             self._fault("queue", RuntimeError("host queue full: log step dropped"))
@@ -342,27 +401,6 @@ class Probe:
             dist.all_reduce(buf[L.sum_end :], op=dist.ReduceOp.MAX, group=self._group)
         return world
 
-    def _cos_step(self) -> None:
-        """|cos| between each site's mean direction now and at the previous log step, on the
-        device; the previous directions live in a device buffer."""
-        buf, L = self._sh.buf, self._sh.layout
-        assert buf is not None and L is not None
-        if L.n_sites == 0:
-            return
-        S = buf[: L.scalars].view(L.n_sites, L.width)
-        ksum = S[:, K_SUM : K_SUM + L.d]  # (n_sites, d)
-        m = ksum / torch.linalg.vector_norm(ksum, dim=-1, keepdim=True).clamp_min(TINY)
-        if self._prev_dir is None or self._prev_dir.shape != m.shape or self._prev_dir.device != m.device:
-            self._prev_dir = torch.zeros_like(m)
-            self._prev_valid = torch.zeros(L.n_sites, dtype=m.dtype, device=m.device)
-        assert self._prev_valid is not None
-        seen = (S[:, SLOT["n_h"]] > 0).to(m.dtype)  # (n_sites,)
-        valid = self._prev_valid * seen
-        S[:, SLOT["k_cos_step"]] = (m * self._prev_dir).sum(-1).abs().clamp_max(1) * valid
-        S[:, SLOT["k_cos_step_valid"]] = valid
-        self._prev_dir.copy_(torch.where(seen[:, None] > 0, m, self._prev_dir))
-        self._prev_valid.copy_(torch.maximum(self._prev_valid, seen))
-
     def _copy_out(self) -> tuple[Any, torch.Tensor | None, bool]:
         """The one device-to-host copy of the log step: pinned and non-blocking on CUDA."""
         buf = self._sh.buf
@@ -400,29 +438,70 @@ class Probe:
                 self._q.task_done()
 
     def _work(self, job: _Job) -> None:
-        scalars: dict[str, float] = {}
-        hists: dict[str, Histogram] = {}
+        raw = None
         if job.host is not None and job.layout is not None:
             if job.event is not None:
                 # this thread sleeps in the driver, without the GIL, until the copy has landed:
                 # polling woke it ~500 times per step, and each wake-up took the GIL from the
                 # training thread between two of its ops (a blocking event: no spinning core)
                 job.event.synchronize()
-            arr = job.host.numpy().astype(np.float64)
+            raw = job.host.numpy()
+        try:
+            if self._worker is not None:
+                try:
+                    self._remote(job, raw)
+                    return
+                except WorkerLost as e:
+                    self._worker_lost(e)
+            self._local(job, raw)
+        finally:
             if job.pooled:
                 with self._lock:
                     self._pool.append(job.host)
-            scalars, hists = self._finisher.finish(arr, job.layout, job.scalar_names, job.world)
-            per_site = self._finisher.per_site
-        else:
-            per_site = {}
-        scalars.update(job.host_scalars)
-        transitions = self._detector.evaluate_sites(job.step, per_site)
-        latest = (self._detector.alerts(), self._detector.verdict())
+
+    def _remote(self, job: _Job, raw: np.ndarray | None) -> None:
+        """Process mode: ~30 us of this process's Python per log step; the child does the rest."""
+        assert self._worker is not None
+        if job.extra:
+            self._worker.write(job.step, job.host_scalars)
+            self.sink.write(job.step, job.host_scalars)
+            return
+        meta = StepMeta(job.step, job.layout, job.scalar_names, job.host_scalars, job.world,
+                        None if raw is None else str(raw.dtype), want_record=bool(self.sink.sinks))
+        done = self._worker.step(meta, raw)
+        if done.error is not None:
+            self.stats.errors += 1
+            self._fault("host", RuntimeError(f"in the probe worker: {done.error}"))
+        if done.record is not None:
+            self.sink.write(job.step, *done.record)
+        with self._lock:
+            self._done.extend(done.transitions)
+            self._latest = (done.alerts, done.verdict)
+
+    def _local(self, job: _Job, raw: np.ndarray | None) -> None:
+        assert self._host is not None
+        if job.extra:
+            self._host.sink.write(job.step, job.host_scalars)
+            return
+        arr = None if raw is None else raw.astype(np.float64)
+        transitions, _, _ = self._host.process(job.step, arr, job.layout, job.scalar_names, job.host_scalars,
+                                               job.world)
+        d = self._host.detector
         with self._lock:
             self._done.extend(transitions)
-            self._latest = latest
-        self.sink.write(job.step, scalars, hists)
+            self._latest = (d.alerts(), d.verdict())
+
+    def _worker_lost(self, e: WorkerLost) -> None:
+        """The worker exited or hung: finish on this thread from now on, with the sinks' idle copies
+        in this process (so files are reopened, not lost; alert state and drift restart)."""
+        log.warning("deltascope probe: the worker process is lost (%s); the host thread finishes the statistics "
+                    "from now on, with alert state restarted", e)
+        w, self._worker = self._worker, None
+        if w is not None:
+            w.kill()
+        self._host = HostSide(self._cfg, [*self._moved, *self.sink.sinks])
+        self.sink = self._host.sink
+        self._moved = []
 
     def _fault(self, kind: str, e: BaseException) -> None:
         """One warning per fault kind, not one per step."""

@@ -63,6 +63,10 @@ class ThreadedSink(ABC):
     ``timeout``: the longest ``flush`` or ``close`` waits for the thread, in seconds.
     """
 
+    moves_to_worker = True
+    """A probe in process mode may run this sink in its worker (``probes._worker``): until its
+    first write it holds configuration only, opened lazily on its thread, so it pickles as that."""
+
     def __init__(self, queue_size: int = 1024, timeout: float = 30.0, retry_initial: float = 1.0,
                  retry_max: float = 60.0) -> None:
         self.stats = SinkStats()
@@ -79,6 +83,23 @@ class ThreadedSink(ABC):
         self._thread = threading.Thread(target=self._run, name=f"deltascope-{type(self).__name__}",
                                         daemon=True)
         self._thread.start()
+
+    _RUNTIME = ("stats", "_fault", "_lock", "_q", "_thread", "_closed", "_abandoned", "_down_until",
+                "_backoff", "_down_dropped")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Configuration only, and only before the first write: after it the sink owns files,
+        writers or a run on this thread, which cannot follow it."""
+        if self._closed or self.stats.written or self.stats.dropped or self.stats.errors or not self._q.empty():
+            raise TypeError(f"{type(self).__name__} has been used already: it cannot move to another process")
+        state = {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+        state["_queue_size"] = self._q.maxsize
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        queue_size = state.pop("_queue_size")
+        self.__dict__.update(state)
+        ThreadedSink.__init__(self, queue_size, self._timeout, self._retry_initial, self._retry_max)
 
     # -- training-thread side -------------------------------------------------------------------
     def write(self, step: int, scalars: Mapping[str, float],
@@ -192,6 +213,11 @@ class ThreadedSink(ABC):
     @abstractmethod
     def _write(self, step: int, scalars: dict[str, float], hists: dict[str, Histogram]) -> None:
         """Deliver one log step; runs on the sink's thread, may raise (counted, logged once)."""
+
+    def warm(self) -> None:  # noqa: B027 (optional hook)
+        """Import what the first write needs, on the calling thread: a probe's worker process
+        does it before it says ready, so that a slow import (TensorBoard: ~2 s of CPU) is paid
+        while the probe attaches, not during training steps."""
 
     def _flush(self) -> None:  # noqa: B027 (optional hook: most sinks have nothing to flush)
         """Push buffered writes out; runs on the sink's thread."""

@@ -55,6 +55,9 @@ class MLflowSink(ThreadedSink):
         self._suspect = True  # check the server answers before handing a call to MLflow's retries
         super().__init__(queue_size)
 
+    def warm(self) -> None:
+        import mlflow.tracking  # noqa: F401
+
     def _start(self) -> Any:
         if self._suspect:
             _check_reachable(self.tracking_uri)

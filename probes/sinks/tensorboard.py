@@ -76,6 +76,9 @@ class TensorBoardSink(ThreadedSink):
         self._layout_written = False
         super().__init__(queue_size)
 
+    def warm(self) -> None:
+        import torch.utils.tensorboard  # noqa: F401
+
     def _w(self) -> Any:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter  # 2 s import: on this thread
