@@ -23,9 +23,9 @@ def log_alert(t: Transition) -> str:
     return "log"
 
 
-def _matcher(rules: Iterable[str] | None, severity: str | Severity | None,
+def _matcher(rules: str | Iterable[str] | None, severity: str | Severity | None,
              states: Iterable[AlertState]) -> Callable[[Transition], bool]:
-    wanted = None if rules is None else set(rules)
+    wanted = None if rules is None else {rules} if isinstance(rules, str) else set(rules)  # one rule by name
     if wanted is not None and not wanted <= set(RULE_NAMES):
         raise ValueError(f"unknown rules {sorted(wanted - set(RULE_NAMES))}; known: {RULE_NAMES}")
     order = list(Severity)
@@ -42,7 +42,7 @@ def _matcher(rules: Iterable[str] | None, severity: str | Severity | None,
     return match
 
 
-def stop_on(rules: Iterable[str] | None = None, severity: str | Severity | None = None
+def stop_on(rules: str | Iterable[str] | None = None, severity: str | Severity | None = None
             ) -> Callable[[Transition], str | None]:
     """A callback returning "stop" when an alert starts firing whose rule is in ``rules`` (all if
     None) and whose severity is at least ``severity`` (any if None)."""
@@ -50,7 +50,7 @@ def stop_on(rules: Iterable[str] | None = None, severity: str | Severity | None 
     return lambda t: "stop" if match(t) else None
 
 
-def checkpoint_on(rules: Iterable[str] | None = None, severity: str | Severity | None = None
+def checkpoint_on(rules: str | Iterable[str] | None = None, severity: str | Severity | None = None
                   ) -> Callable[[Transition], str | None]:
     """A callback returning "checkpoint" when a matching alert starts firing (see :func:`stop_on`)."""
     match = _matcher(rules, severity, (AlertState.FIRING,))
