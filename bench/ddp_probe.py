@@ -24,7 +24,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from probe_overhead import run_block  # bench/ is sys.path[0] when run as a script
+from probe_overhead import Sinks, run_block  # bench/ is sys.path[0] when run as a script
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddl import DDLModel, presets, with_overrides
@@ -49,27 +49,27 @@ def overhead(args, rank: int, world: int) -> dict:
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda", generator=g)
                for _ in range(4)]
     samples: dict[str, list[float]] = {"off": [], "on": []}
+    sinks = Sinks("jsonl")  # rank 0 writes, as deltascope train; every rank runs the Detector
+    made = sinks if rank == 0 else list
     step = 0
     for cond in ("off", "on"):  # warm-up, the fused statistics' compilation included
         if cond == "on":
-            with Probe(net, every=1, sinks=[MemorySink()], start_step=step) as pr:
+            with Probe(net, every=1, sinks=made(), start_step=step) as pr:
                 block(net, opt, pr, batches, step, args.warmup, amp)
         else:
             block(net, opt, None, batches, step, args.warmup, amp)
         step += args.warmup
-    records = 0
     for b in range(args.blocks):
         for cond in (("off", "on") if b % 2 == 0 else ("on", "off")):
             if cond == "on":
-                sink = MemorySink()
-                with Probe(net, every=1, sinks=[sink], start_step=step) as pr:
+                with Probe(net, every=1, sinks=made(), start_step=step) as pr:
                     samples[cond].append(block(net, opt, pr, batches, step, args.steps, amp))
-                records += len(sink.records)
             else:
                 samples[cond].append(block(net, opt, None, batches, step, args.steps, amp))
             step += args.steps
     off, on = statistics.median(samples["off"]), statistics.median(samples["on"])
-    return {"world": world, "off_ms": off, "on_ms": on, "overhead": on / off - 1, "records": records,
+    return {"world": world, "off_ms": off, "on_ms": on, "overhead": on / off - 1,
+            "records": sinks.records() if rank == 0 else None, "host": pr.host,
             "off_blocks_ms": [round(x, 2) for x in samples["off"]],
             "on_blocks_ms": [round(x, 2) for x in samples["on"]]}
 

@@ -16,12 +16,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from probe_overhead import train_step  # bench/ is sys.path[0] when run as a script
+from probe_overhead import Sinks, train_step  # bench/ is sys.path[0] when run as a script
+from torch._inductor import metrics
 from torch.profiler import ProfilerActivity, profile
 
 from ddl import DDLModel, presets, with_overrides
 from probes import Probe
-from probes.sinks import MemorySink
 
 
 def measure(model, opt, batch, amp, probe, start, n):
@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--token-stride", type=int, default=8, help="Probe(token_stride=)")
+    p.add_argument("--host", default="auto", choices=("auto", "thread", "process"), help="Probe(host=)")
+    p.add_argument("--sinks", default="jsonl", help="comma-separated: jsonl, tb, memory")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -63,14 +65,18 @@ def main() -> None:
     cfg = with_overrides(presets[args.preset], block_size=args.seq)
     torch.manual_seed(0)
     batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda")
-    res = {}
+    res, kernels = {}, {}
+    sinks = Sinks(args.sinks)
     for cond in ("off", "on"):
         torch.manual_seed(0)
         model = DDLModel(cfg).cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        probe = Probe(model, every=1, sinks=[MemorySink()], token_stride=args.token_stride) if cond == "on" else None
+        probe = (Probe(model, every=1, sinks=sinks(), token_stride=args.token_stride, host=args.host)
+                 if cond == "on" else None)
         net = torch.compile(model) if args.compile else model
+        metrics.reset()
         res[cond] = measure(net, opt, batch, amp, probe, 0, args.steps)
+        kernels[cond] = metrics.generated_kernel_count  # compiled: Triton kernels of the step's graphs
         if probe is not None:
             probe.close()
         del model, opt, net
@@ -78,7 +84,7 @@ def main() -> None:
     lines = []
     for cond, (wall, kern, host) in res.items():
         lines.append(f"{mode} probe {cond}: step {wall:.2f} ms, GPU kernels {sum(kern.values()):.2f} ms, "
-                     f"host ops (self) {sum(host.values()):.2f} ms")
+                     f"host ops (self) {sum(host.values()):.2f} ms, generated kernels {kernels[cond]}")
     for name, idx in (("kernels", 1), ("host ops", 2)):
         a, b = res["off"][idx], res["on"][idx]
         diff = sorted(((b.get(k, 0) - a.get(k, 0), k) for k in set(a) | set(b)), reverse=True)
