@@ -1,9 +1,10 @@
-"""Triton kernels of the fused scalar delta update (d_v = 1); imported by ``ddl.fused`` on first use only.
+"""Triton kernels of the fused delta update; imported by ``ddl.fused`` on first use only.
 
-Rows are tokens, the last dim d is contiguous. One program owns ``ROWS`` whole rows (``BLOCK_D`` =
-next power of two >= d, masked), so every row reduction stays in registers: each kernel reads its
-inputs once and writes its outputs once. Math and the backward derivation: ``ddl.fused``.
-Only long-stable Triton APIs (program_id, arange, masked load/store, sum, sqrt, where): the GPU
+Rows are tokens; a row's state is d x d_v, d_v innermost. d_v = 1 (``_fwd_kernel``): one program owns
+``ROWS`` whole rows (``BLOCK_D`` = next power of two >= d, masked). d_v > 1 (``_fwd_tile_kernel``):
+one program owns one row's (d, d_v) tile. Either way every row reduction stays in registers: each
+kernel reads its inputs once and writes its outputs once. Math and the backward derivation: ``ddl.fused``.
+Only long-stable Triton APIs (program_id, arange, masked load/store, sum, sqrt): the GPU
 machine runs the Triton bundled with its torch, older than the one the CPU interpreter tests use.
 """
 
@@ -63,37 +64,100 @@ def _bwd_kernel(G, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, n_rows, d,
     tl.store(GBETA + rows, (v - p) * gk, mask=row_ok)
 
 
+@triton.jit
+def _fwd_tile_kernel(X, H, V, BETA, OUT, RNORM, P, d, dv, eps2, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    # d_v > 1: one token a program, its state a (d, d_v) tile, d_v innermost
+    row = tl.program_id(0).to(tl.int64)
+    i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
+    i_ok, j_ok = i < d, j < dv
+    mask = i_ok[:, None] & j_ok[None, :]
+    offs = row * d * dv + i[:, None] * dv + j[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_V)
+    h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
+    v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
+    beta = tl.load(BETA + row).to(tl.float32)
+    rnorm = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) + eps2)
+    k = h * rnorm
+    p = tl.sum(k[:, None] * x, axis=0)  # (BLOCK_V,)
+    delta = beta * (v - p)
+    upd = (k[:, None] * delta[None, :]).to(OUT.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + offs, (x + upd).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(RNORM + row, rnorm)
+    tl.store(P + row * dv + j, p, mask=j_ok)
+
+
+@triton.jit
+def _bwd_tile_kernel(G, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, d, dv,
+                     BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
+    i_ok, j_ok = i < d, j < dv
+    mask = i_ok[:, None] & j_ok[None, :]
+    offs = row * d * dv + i[:, None] * dv + j[None, :]
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
+    v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
+    p = tl.load(P + row * dv + j, mask=j_ok, other=0.0)
+    beta = tl.load(BETA + row).to(tl.float32)
+    rnorm = tl.load(RNORM + row)
+    k = h * rnorm
+    gk = tl.sum(g * k[:, None], axis=0)  # k^T g, (BLOCK_V,)
+    delta = beta * (v - p)
+    a = beta * gk
+    grad_k = tl.sum(g * delta[None, :] - x * a[None, :], axis=1)  # (BLOCK_D,)
+    c = tl.sum(gk * (delta - beta * p), axis=0)  # k.grad_k in closed form; masked lanes add 0
+    tl.store(GX + offs, (g - k[:, None] * a[None, :]).to(GX.dtype.element_ty), mask=mask)
+    tl.store(GH + row * d + i, (rnorm * (grad_k - c * k)).to(GH.dtype.element_ty), mask=i_ok)
+    tl.store(GV + row * dv + j, a, mask=j_ok)
+    tl.store(GBETA + row, tl.sum((v - p) * gk, axis=0))
+
+
+def _warps(elements: int) -> int:
+    return min(max(elements // 256, 1), 16)
+
+
 def _launch(d: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_D, num_warps) for rows of width d: about 2048 elements a program, so that small d
-    packs several rows and d = 768 runs two rows under 8 warps. A first guess, untuned on hardware."""
+    """d_v = 1: (ROWS, BLOCK_D, num_warps) for rows of width d, about 2048 elements a program, so that
+    small d packs several rows and d = 768 runs two rows under 8 warps. A first guess, untuned on hardware."""
     block_d = triton.next_power_of_2(d)
     rows = max(1, 2048 // block_d)
-    num_warps = min(max(rows * block_d // 256, 1), 16)
-    return rows, block_d, num_warps
+    return rows, block_d, _warps(rows * block_d)
 
 
 def forward(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Contiguous X, h (n, d); v, beta (n,) fp32 -> out (n, d) in X's dtype, rnorm (n,), p (n,) fp32."""
-    n, d = X.shape
+    """Contiguous X (n, d, d_v), h (n, d), v (n, d_v), beta (n, 1) fp32 -> out like X, rnorm (n, 1) and
+    p (n, d_v) fp32."""
+    n, d, dv = X.shape
     out = torch.empty_like(X)
-    rnorm = torch.empty(n, dtype=torch.float32, device=X.device)
-    p = torch.empty(n, dtype=torch.float32, device=X.device)
-    rows, block_d, num_warps = _launch(d)
-    _fwd_kernel[(triton.cdiv(n, rows),)](X, h, v, beta, out, rnorm, p, n, d, eps * eps,
-                                         ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
+    rnorm = torch.empty(n, 1, dtype=torch.float32, device=X.device)
+    p = torch.empty(n, dv, dtype=torch.float32, device=X.device)
+    if dv == 1:
+        rows, block_d, num_warps = _launch(d)
+        _fwd_kernel[(triton.cdiv(n, rows),)](X, h, v, beta, out, rnorm, p, n, d, eps * eps,
+                                             ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
+    else:
+        block_d, block_v = triton.next_power_of_2(d), triton.next_power_of_2(dv)
+        _fwd_tile_kernel[(n,)](X, h, v, beta, out, rnorm, p, d, dv, eps * eps, BLOCK_D=block_d,
+                               BLOCK_V=block_v, num_warps=_warps(block_d * block_v))
     return out, rnorm, p
 
 
 def backward(g: torch.Tensor, X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
              rnorm: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Contiguous g, X, h (n, d) and the (n,) fp32 row scalars -> grad_X, grad_h (their inputs' dtypes),
-    grad_v, grad_beta (n,) fp32."""
-    n, d = X.shape
+    """Contiguous g and X (n, d, d_v), h (n, d) and forward's fp32 row scalars -> grad_X, grad_h (their
+    inputs' dtypes), grad_v (n, d_v), grad_beta (n, 1) fp32."""
+    n, d, dv = X.shape
     gX, gh = torch.empty_like(X), torch.empty_like(h)
-    gv = torch.empty(n, dtype=torch.float32, device=X.device)
-    gbeta = torch.empty_like(gv)
-    rows, block_d, num_warps = _launch(d)
-    _bwd_kernel[(triton.cdiv(n, rows),)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, n, d,
-                                         ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
+    gv = torch.empty(n, dv, dtype=torch.float32, device=X.device)
+    gbeta = torch.empty(n, 1, dtype=torch.float32, device=X.device)
+    if dv == 1:
+        rows, block_d, num_warps = _launch(d)
+        _bwd_kernel[(triton.cdiv(n, rows),)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, n, d,
+                                             ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
+    else:
+        block_d, block_v = triton.next_power_of_2(d), triton.next_power_of_2(dv)
+        _bwd_tile_kernel[(n,)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, d, dv, BLOCK_D=block_d,
+                               BLOCK_V=block_v, num_warps=_warps(block_d * block_v))
     return gX, gh, gv, gbeta

@@ -107,9 +107,9 @@ class DeltaResidual(nn.Module):
         if self.geometry == "v_map":
             k = self.k_dir(self.k_source(c))
             v = self.v_proj(h).float()
-        elif self._fuse(X):
+        elif self._fuse(X, h):
             # k and p stay in registers; beta and v come from their own modules, as unfused
-            return fused.delta_update_dv1(X, h, self._value(c, u), beta, self.k_dir.eps)
+            return fused.delta_update(X, h, self._value(c, u), beta, self.k_dir.eps)
         else:
             k = self.k_dir(h)  # (B, T, d) fp32
             v = self._value(c, u)  # (B, T, d_v) fp32
@@ -127,8 +127,8 @@ class DeltaResidual(nn.Module):
             return self.v_scale * torch.sigmoid(self.v_proj(u).float())
         return self.v_proj(c).float()
 
-    def _fuse(self, X: torch.Tensor) -> bool:
-        """Whether this call takes the fused op (k_map): flag on, d_v = 1, CUDA, taps unhooked."""
+    def _fuse(self, X: torch.Tensor, h: torch.Tensor) -> bool:
+        """Whether this call takes the fused op (k_map): flag on, CUDA, taps unhooked."""
         taps = (self.k_dir, self.write)
-        return (self.fused_delta and self.d_v == 1 and fused.supported(X)
+        return (self.fused_delta and fused.supported(X, h)
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in taps))
