@@ -1,9 +1,10 @@
-"""ddl.fused: the fused scalar delta update against float64 autograd, the unfused path and compile.
+"""ddl.fused: the fused delta update against float64 autograd, the unfused path and compile.
 
 Each numerics test runs the op's two implementations: 'torch' (its PyTorch formulas, hand-written
 backward included: always) and 'triton' (the real kernels on CPU tensors under Triton's interpreter:
 only when triton is importable and TRITON_INTERPRET=1 was set before the run). The gpu-marked tests
-run the kernels compiled, on CUDA.
+run the kernels compiled, on CUDA. d_v = 1 (a d-vector state, its own multi-row kernel) and d_v > 1
+(a d x d_v state, a tile kernel) throughout; d_v = 3 masks the value lanes.
 """
 
 from __future__ import annotations
@@ -48,25 +49,28 @@ def impl(request, monkeypatch):
 
 
 def naive64(X, h, v, beta, eps=EPS):
-    """X + beta k (v - k.X), k = h / sqrt(||h||^2 + eps^2), all in float64."""
-    X, h, v, beta = (t.double() for t in (X, h, v, beta))
-    k = h / torch.sqrt((h * h).sum(-1, keepdim=True) + eps**2)
-    return X + k * (beta * (v - (k * X).sum(-1, keepdim=True)))
+    """X + beta k (v - k^T X)^T, k = h / sqrt(||h||^2 + eps^2), all in float64; X (..., d) or (..., d, d_v)."""
+    scalar = X.dim() == h.dim()
+    X, h, v, beta = (t.double() for t in (X.unsqueeze(-1) if scalar else X, h, v, beta))
+    k = (h / torch.sqrt((h * h).sum(-1, keepdim=True) + eps**2)).unsqueeze(-1)  # (..., d, 1)
+    out = X + k * (beta * (v - (k * X).sum(-2))).unsqueeze(-2)
+    return out.squeeze(-1) if scalar else out
 
 
-def inputs(lead, d, x_dtype=torch.float32, h_dtype=torch.float32, beta="uniform", h_size="normal",
+def inputs(lead, d, d_v=1, x_dtype=torch.float32, h_dtype=torch.float32, beta="uniform", h_size="normal",
            device="cpu", seed=0):
-    """X, h, v, beta as leaves that require grad, and an upstream gradient g in X's dtype."""
+    """X, h, v, beta as leaves that require grad, and an upstream gradient g like X."""
     gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(*lead, d, generator=gen)
+    state = (*lead, d) if d_v == 1 else (*lead, d, d_v)
+    X = torch.randn(state, generator=gen)
     h = torch.randn(*lead, d, generator=gen)
     if h_size == "tiny":  # ||h|| ~ 1e-7 sqrt(d) << eps: the eps guard decides k; one row exactly 0
         h = h * 1e-7
         h.view(-1, d)[0] = 0
-    v = 4 * torch.rand(*lead, 1, generator=gen)
+    v = 4 * torch.rand(*lead, d_v, generator=gen)
     u = torch.rand(*lead, 1, generator=gen)
     b = {"uniform": 2 * u, "near0": 1e-4 * u, "near2": 2 - 1e-4 * u}[beta]
-    g = torch.randn(*lead, d, generator=gen)
+    g = torch.randn(state, generator=gen)
     cast = {"X": x_dtype, "h": h_dtype, "v": torch.float32, "beta": torch.float32}
     leaves = {n: t.to(device, cast[n]).requires_grad_() for n, t in zip(cast, (X, h, v, b), strict=True)}
     return leaves, g.to(device, x_dtype)
@@ -78,10 +82,10 @@ def assert_near(got, want, tol, what=""):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} * scale {scale:.3g}"
 
 
-def check_against_float64(lead, d, x_dtype, h_dtype, beta, h_size, device="cpu", interpreted=False):
+def check_against_float64(lead, d, d_v, x_dtype, h_dtype, beta, h_size, device="cpu", interpreted=False):
     tol = TOL_INTERPRETED if interpreted else TOL
-    t, g = inputs(lead, d, x_dtype, h_dtype, beta, h_size, device)
-    out = fused.delta_update_dv1(t["X"], t["h"], t["v"], t["beta"], EPS)
+    t, g = inputs(lead, d, d_v, x_dtype, h_dtype, beta, h_size, device)
+    out = fused.delta_update(t["X"], t["h"], t["v"], t["beta"], EPS)
     got = dict(zip(t, torch.autograd.grad(out, list(t.values()), g), strict=True))
     ref = {n: x.detach().double().requires_grad_() for n, x in t.items()}  # the same, rounded inputs
     want_out = naive64(*ref.values())
@@ -99,46 +103,57 @@ dtype_ids = ["fp32", "bf16", "X32-h16", "X16-h32"]
 
 
 # -- the op's numerics, both implementations on CPU ------------------------------------------------
-@pytest.mark.parametrize("d", [16, 13, 200])  # 13, 200: masked columns; 200: several programs, last one part-full
+@pytest.mark.parametrize("d_v", [1, 4, 3])
+@pytest.mark.parametrize("d", [16, 13, 200])  # 13, 200: masked columns; 200, d_v = 1: several programs, one part-full
 @pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES, ids=dtype_ids)
-def test_forward_and_grads_match_float64(impl, d, x_dtype, h_dtype):
-    check_against_float64((2, 5), d, x_dtype, h_dtype, "uniform", "normal", interpreted=impl == "triton")
+def test_forward_and_grads_match_float64(impl, d, d_v, x_dtype, h_dtype):
+    check_against_float64((2, 5), d, d_v, x_dtype, h_dtype, "uniform", "normal", interpreted=impl == "triton")
 
 
+@pytest.mark.parametrize("d_v", [1, 4])
 @pytest.mark.parametrize("beta", ["near0", "near2"])
 @pytest.mark.parametrize("h_size", ["normal", "tiny"])
 @pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:2], ids=dtype_ids[:2])
-def test_edge_regimes_match_float64(impl, beta, h_size, x_dtype, h_dtype):
-    check_against_float64((3, 4), 24, x_dtype, h_dtype, beta, h_size, interpreted=impl == "triton")
+def test_edge_regimes_match_float64(impl, d_v, beta, h_size, x_dtype, h_dtype):
+    check_against_float64((3, 4), 24, d_v, x_dtype, h_dtype, beta, h_size, interpreted=impl == "triton")
 
 
+@pytest.mark.parametrize("d_v", [1, 4])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_beta_zero_is_exact_identity(impl, x_dtype):
-    t, g = inputs((2, 3), 20, x_dtype, x_dtype)
+def test_beta_zero_is_exact_identity(impl, d_v, x_dtype):
+    t, g = inputs((2, 3), 20, d_v, x_dtype, x_dtype)
     beta = torch.zeros(2, 3, 1, requires_grad=True)
-    out = fused.delta_update_dv1(t["X"], t["h"], t["v"], beta, EPS)
+    out = fused.delta_update(t["X"], t["h"], t["v"], beta, EPS)
     gX, gv = torch.autograd.grad(out, (t["X"], t["v"]), g)
     assert torch.equal(out, t["X"]) and torch.equal(gX, g)
     assert torch.equal(gv, torch.zeros_like(gv))
 
 
-def test_beta_one_overwrites_readout_and_beta_two_reflects(impl):
-    t, _ = inputs((2, 3), 20)
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_beta_one_overwrites_readout_and_beta_two_reflects(impl, d_v):
+    t, _ = inputs((2, 3), 20, d_v)
     X, h, v = t["X"].detach(), t["h"].detach(), t["v"].detach()
     k = h.double() / h.double().norm(dim=-1, keepdim=True)
-    out = fused.delta_update_dv1(X, h, v, torch.ones_like(v), EPS)
-    torch.testing.assert_close((k * out.double()).sum(-1, keepdim=True), v.double(), rtol=1e-5, atol=1e-5)
-    out = fused.delta_update_dv1(X, h, torch.zeros_like(v), torch.full_like(v, 2.0), EPS)
-    torch.testing.assert_close(out.norm(dim=-1), X.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    beta = torch.ones(2, 3, 1)
+    out = fused.delta_update(X, h, v, beta, EPS).reshape(2, 3, 20, d_v)
+    torch.testing.assert_close(torch.einsum("btd,btdj->btj", k, out.double()), v.double(), rtol=1e-5, atol=1e-5)
+    out = fused.delta_update(X, h, torch.zeros_like(v), 2 * beta, EPS)  # I - 2kk^T on each value lane
+    lanes = (2, 3, 20, d_v)
+    torch.testing.assert_close(out.reshape(lanes).norm(dim=-2), X.reshape(lanes).norm(dim=-2), rtol=1e-5, atol=1e-5)
 
 
-def test_noncontiguous_broadcast_and_empty(impl):
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_noncontiguous_broadcast_and_empty(impl, d_v):
     gen = torch.Generator().manual_seed(3)
-    X = torch.randn(5, 2, 3, 13, generator=gen).transpose(0, 1).requires_grad_()  # (2, 5, 3, 13), strided
-    h = torch.randn(2, 5, 3, 26, generator=gen)[..., ::2].requires_grad_()  # last dim stride 2
-    v = torch.rand(2, 5, 3, 1, generator=gen).requires_grad_()
+    h = torch.randn(2, 5, 3, 26, generator=gen)[..., ::2].requires_grad_()  # (2, 5, 3, 13), last dim stride 2
+    if d_v == 1:
+        X = torch.randn(5, 2, 3, 13, generator=gen).transpose(0, 1)  # (2, 5, 3, 13), strided
+    else:
+        X = torch.randn(2, 5, 3, d_v, 13, generator=gen).transpose(-1, -2)  # (2, 5, 3, 13, d_v), d_v not innermost
+    X.requires_grad_()
+    v = torch.rand(2, 5, 3, d_v, generator=gen).requires_grad_()
     beta = torch.tensor([[[[1.3]]]], requires_grad=True)  # (1, 1, 1, 1), broadcast to every token
-    out = fused.delta_update_dv1(X, h, v, beta, EPS)
+    out = fused.delta_update(X, h, v, beta, EPS)
     grads = torch.autograd.grad(out.square().sum(), (X, h, v, beta))
     ref = [x.detach().double().requires_grad_() for x in (X, h, v, beta)]
     want_out = naive64(*ref)
@@ -147,39 +162,44 @@ def test_noncontiguous_broadcast_and_empty(impl):
     for n, a, b in zip(["X", "h", "v", "beta"], grads, want, strict=True):
         assert a.shape == b.shape
         assert_near(a, b, 1e-5, f"grad_{n}")
-    e = torch.zeros(0, 7, requires_grad=True)
-    out = fused.delta_update_dv1(e, e, torch.zeros(0, 1), torch.zeros(0, 1), EPS)
-    assert out.shape == (0, 7) and torch.autograd.grad(out.sum(), e)[0].shape == (0, 7)
+    e = torch.zeros(0, 7, *((d_v,) if d_v > 1 else ()), requires_grad=True)
+    out = fused.delta_update(e, torch.zeros(0, 7), torch.zeros(0, d_v), torch.zeros(0, 1), EPS)
+    assert out.shape == e.shape and torch.autograd.grad(out.sum(), e)[0].shape == e.shape
 
 
+@pytest.mark.parametrize("d_v", [1, 4])
 @pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:3], ids=dtype_ids[:3])
-def test_opcheck(impl, x_dtype, h_dtype):
+def test_opcheck(impl, d_v, x_dtype, h_dtype):
     """Schema, fake kernel against the real one, autograd registration, and AOT dispatch."""
-    t, _ = inputs((3, 4), 13, x_dtype, h_dtype)
-    torch.library.opcheck(torch.ops.deltascope.delta_update_dv1.default, (*t.values(), EPS))
+    t, _ = inputs((3, 4), 13, d_v, x_dtype, h_dtype)
+    X = t["X"] if d_v > 1 else t["X"].detach().unsqueeze(-1).requires_grad_()  # the op's state is (..., d, d_v)
+    torch.library.opcheck(torch.ops.deltascope.delta_update.default, (X, t["h"], t["v"], t["beta"], EPS))
 
 
 # -- the op inside DeltaResidual and the model ------------------------------------------------------
-def test_reference_is_the_unfused_path_bit_for_bit():
-    """delta_update_dv1_reference is DeltaResidual's unfused d_v = 1 path, op for op."""
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_reference_is_the_unfused_path_bit_for_bit(d_v):
+    """delta_update_reference is DeltaResidual's unfused path, op for op."""
     for value_head, dtype in [("code", torch.float32), ("paper", torch.float32), ("code", torch.bfloat16)]:
-        cfg = DDLConfig(**SMALL, value_head=value_head)
+        cfg = DDLConfig(**SMALL, value_head=value_head, d_v=d_v)
         torch.manual_seed(0)
         m = DeltaResidual(cfg, "attn", 0)
         gen = torch.Generator().manual_seed(1)
-        X, h, c = (torch.randn(2, 5, 16, generator=gen) for _ in range(3))
-        X = X.to(dtype)
+        X = torch.randn(2, 5, 16, *((d_v,) if d_v > 1 else ()), generator=gen).to(dtype)
+        h, c, u = (torch.randn(2, 5, 16, generator=gen) for _ in range(3))
+        u = X if d_v == 1 else u.to(dtype)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            got = m(X, h, c, X)
-            want = fused.delta_update_dv1_reference(X, h, m._value(c, X), m.beta_gate(c), cfg.k_eps)
+            got = m(X, h, c, u)
+            want = fused.delta_update_reference(X, h, m._value(c, u), m.beta_gate(c), cfg.k_eps)
         assert got.dtype == dtype and torch.equal(got, want)
 
 
-def test_torch_formulas_forward_is_the_reference_bit_for_bit(monkeypatch):
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_torch_formulas_forward_is_the_reference_bit_for_bit(monkeypatch, d_v):
     monkeypatch.setattr(fused, "_use_triton", lambda t: False)
-    t, _ = inputs((2, 5), 13, torch.bfloat16, torch.float32)
+    t, _ = inputs((2, 5), 13, d_v, torch.bfloat16, torch.float32)
     args = [x.detach() for x in t.values()]
-    assert torch.equal(fused.delta_update_dv1(*args, EPS), fused.delta_update_dv1_reference(*args, EPS))
+    assert torch.equal(fused.delta_update(*args, EPS), fused.delta_update_reference(*args, EPS))
 
 
 def test_config_flag():
@@ -212,7 +232,7 @@ def train_step(model: DDLModel, seed: int = 4):
 def test_flag_on_cpu_trains_bit_for_bit_as_off():
     """On CPU the flag falls back to the unfused path: the same step, bit for bit."""
     plain, twin = models()
-    assert not fused.supported(torch.zeros(1, 16))
+    assert not fused.supported(torch.zeros(1, 16), torch.zeros(1, 16))
     for a, b in zip(train_step(plain), train_step(twin), strict=True):
         if isinstance(a, dict):
             assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
@@ -228,14 +248,18 @@ class OpCalls(TorchDispatchMode):
         self.n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func is torch.ops.deltascope.delta_update_dv1.default
+        self.n += func is torch.ops.deltascope.delta_update.default
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("kw", [{}, {"value_head": "paper", "beta_fixed": 0.7}], ids=["code", "paper,fixed"])
+MODEL_VARIANTS = [{}, {"value_head": "paper", "beta_fixed": 0.7}, {"d_v": 4}, {"d_v": 3, "compressor": "tc"}]
+model_ids = [",".join(f"{k}={v}" for k, v in kw.items()) or "dv1" for kw in MODEL_VARIANTS]
+
+
+@pytest.mark.parametrize("kw", MODEL_VARIANTS, ids=model_ids)
 def test_fused_model_step_matches_unfused(impl, monkeypatch, kw):
     """With the op taken on CPU, a training step matches the unfused model's within fp32 rounding."""
-    monkeypatch.setattr(fused, "supported", lambda X: True)
+    monkeypatch.setattr(fused, "supported", lambda X, h: True)
     plain, twin = models(**kw)
     idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
     with OpCalls() as calls:
@@ -252,7 +276,7 @@ def test_fused_model_step_matches_unfused(impl, monkeypatch, kw):
 @pytest.mark.parametrize("kind", ["forward_hook", "forward_pre_hook"])
 def test_hooked_taps_keep_the_unfused_path(monkeypatch, tap, kind):
     """The hook contract: a hook on k_dir or write sees its site's forward, so the site is unfused."""
-    monkeypatch.setattr(fused, "supported", lambda X: True)
+    monkeypatch.setattr(fused, "supported", lambda X, h: True)
     plain, twin = models()
     seen = []
     hooked = twin.delta_residuals()[1]
@@ -263,18 +287,23 @@ def test_hooked_taps_keep_the_unfused_path(monkeypatch, tap, kind):
     assert len(seen) == 1 and calls.n == 2 * SMALL["n_layer"] - 1
 
 
+def op_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    names = ("deltascope.delta_update", "deltascope.delta_update.default")
+    return [n for n in gm.graph.nodes if str(n.target) in names]
+
+
 @pytest.mark.slow
-def test_compiled_fullgraph_keeps_the_op_and_matches_eager(impl, monkeypatch):
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_compiled_fullgraph_keeps_the_op_and_matches_eager(impl, monkeypatch, d_v):
     """One graph, the op in it once per site, and eager's unfused loss and grads (aot_eager on CPU)."""
-    monkeypatch.setattr(fused, "supported", lambda X: True)
+    monkeypatch.setattr(fused, "supported", lambda X, h: True)
     torch._dynamo.reset()
-    plain, twin = models()
+    plain, twin = models(d_v=d_v)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(twin, fullgraph=True, backend=counter)  # a graph break raises
     (la, ga, _), (lb, gb, _) = train_step(plain), train_step(compiled)
     assert counter.frame_count == 1
-    ops = [n for n in counter.graphs[0].graph.nodes if str(n.target).startswith("deltascope.delta_update_dv1")]
-    assert len(ops) == 2 * SMALL["n_layer"]
+    assert len(op_nodes(counter.graphs[0])) == 2 * SMALL["n_layer"]
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6)
@@ -283,26 +312,30 @@ def test_compiled_fullgraph_keeps_the_op_and_matches_eager(impl, monkeypatch):
 # -- CUDA: the kernels compiled by Triton ---------------------------------------------------------
 @pytest.mark.gpu
 @cuda_kernels
+@pytest.mark.parametrize("d_v", [1, 4, 3])
 @pytest.mark.parametrize("d", [768, 1000, 13])
 @pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:3], ids=dtype_ids[:3])
-def test_cuda_forward_and_grads_match_float64(d, x_dtype, h_dtype):
-    check_against_float64((4, 64), d, x_dtype, h_dtype, "uniform", "normal", device="cuda")
+def test_cuda_forward_and_grads_match_float64(d, d_v, x_dtype, h_dtype):
+    check_against_float64((4, 64), d, d_v, x_dtype, h_dtype, "uniform", "normal", device="cuda")
 
 
 @pytest.mark.gpu
 @cuda_kernels
+@pytest.mark.parametrize("d_v", [1, 4])
 @pytest.mark.parametrize("beta", ["near0", "near2"])
 @pytest.mark.parametrize("h_size", ["normal", "tiny"])
-def test_cuda_edge_regimes_match_float64(beta, h_size):
-    check_against_float64((4, 64), 768, torch.bfloat16, torch.bfloat16, beta, h_size, device="cuda")
+def test_cuda_edge_regimes_match_float64(d_v, beta, h_size):
+    check_against_float64((4, 64), 768, d_v, torch.bfloat16, torch.bfloat16, beta, h_size, device="cuda")
 
 
 @pytest.mark.gpu
 @cuda_kernels
+@pytest.mark.parametrize("d_v", [1, 4])
 @pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:3], ids=dtype_ids[:3])
-def test_cuda_opcheck(x_dtype, h_dtype):
-    t, _ = inputs((3, 40), 768, x_dtype, h_dtype, device="cuda")
-    torch.library.opcheck(torch.ops.deltascope.delta_update_dv1.default, (*t.values(), EPS))
+def test_cuda_opcheck(d_v, x_dtype, h_dtype):
+    t, _ = inputs((3, 40), 768, d_v, x_dtype, h_dtype, device="cuda")
+    X = t["X"] if d_v > 1 else t["X"].detach().unsqueeze(-1).requires_grad_()
+    torch.library.opcheck(torch.ops.deltascope.delta_update.default, (X, t["h"], t["v"], t["beta"], EPS))
 
 
 @pytest.mark.gpu
@@ -310,8 +343,9 @@ def test_cuda_opcheck(x_dtype, h_dtype):
 @cuda_kernels
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
+@pytest.mark.parametrize("d_v", [1, 4])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
-def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp):
+def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp, d_v):
     """Inductor keeps the op, one graph; loss and grads match the eager unfused model.
 
     fp32 (TF32 off): the two differ only by fp32 rounding orders, 1e-4 relative on the grads.
@@ -319,7 +353,7 @@ def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp):
     on each grad's norm of difference, relative to its norm, leave room for a few bf16 roundings."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch._dynamo.reset()
-    plain, twin = (m.cuda() for m in models(block_size=64))
+    plain, twin = (m.cuda() for m in models(block_size=64, d_v=d_v))
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(twin, fullgraph=True, backend=counter)
     idx = torch.randint(0, 97, (4, 64), generator=torch.Generator().manual_seed(5)).cuda()
@@ -330,8 +364,7 @@ def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp):
         loss.backward()
         losses.append(loss.detach())
     assert counter.frame_count == 1
-    ops = [n for n in counter.graphs[0].graph.nodes if str(n.target).startswith("deltascope.delta_update_dv1")]
-    assert len(ops) == 2 * SMALL["n_layer"]
+    assert len(op_nodes(counter.graphs[0])) == 2 * SMALL["n_layer"]
     if not amp:
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
         for (n, a), b in zip(plain.named_parameters(), twin.parameters(), strict=True):
@@ -345,10 +378,10 @@ def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp):
 
 @pytest.mark.gpu
 @cuda_kernels
-def test_cuda_model_takes_the_fused_op():
-    _, twin = models()
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_cuda_model_takes_the_fused_op(d_v):
+    _, twin = models(d_v=d_v)
     twin = twin.cuda()
-    assert fused.supported(torch.zeros(1, 16, device="cuda"))
     with OpCalls() as calls:
         twin(torch.randint(0, 97, (2, 16), device="cuda"))
     assert calls.n == 2 * SMALL["n_layer"]
