@@ -24,6 +24,7 @@ VARIANTS = {
     "ddl_dv1": {},
     "ddl_dv1_fused": {"fused_delta": True},  # ddl.fused: one Triton kernel each way per site
     "ddl_dv4_cc_ec": {"d_v": 4, "compressor": "cc", "expansion": "ec"},
+    "ddl_dv4_fused": {"d_v": 4, "compressor": "cc", "expansion": "ec", "fused_delta": True},  # ddl_dv4_cc_ec, fused
 }
 
 
@@ -42,8 +43,9 @@ def step_fn(model, opt, amp_dtype):
 def measure(name: str, overrides: dict, args) -> dict:
     torch.manual_seed(0)
     cfg = with_overrides(presets[args.preset], **overrides, block_size=args.seq)
-    if cfg.fused_delta and not fused.supported(torch.empty(1, cfg.d_model, device="cuda")):
-        sys.exit(f"{name}: ddl.fused cannot run here (needs triton, d_model <= {fused.MAX_D}); "
+    state = (1, cfg.d_model) if cfg.d_v == 1 else (1, cfg.d_model, cfg.d_v)
+    if cfg.fused_delta and not fused.supported(torch.empty(state, device="cuda"), torch.empty(1, cfg.d_model)):
+        sys.exit(f"{name}: ddl.fused cannot run here (needs triton, a d x d_v tile <= {fused.MAX_TILE}); "
                  "it would time the unfused path")
     model = DDLModel(cfg).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
