@@ -66,10 +66,11 @@ class DDLConfig(BaseModel):
     v_scale: float = Field(4.0, gt=0)
     """Scale of the code-form value head; v lies in (0, v_scale)."""
     fused_delta: bool = False
-    """Speed only, same math: run the update p = k^T X, X' = X + beta k (v - p)^T as one Triton kernel
-    forward and one backward (``ddl.fused``) instead of materialising k. Applies where it can: X on
-    CUDA with Triton, geometry 'k_map' (any d_v), and no hooks on a site's ``k_dir`` or ``write`` (a
-    Probe hooks them, and gets the unfused path); elsewhere the PyTorch path runs unchanged."""
+    """Speed only, the same math up to fp32 rounding order: run the update p = k^T X,
+    X' = X + beta k (v - p)^T as one Triton kernel forward and one backward (``ddl.fused``) instead of
+    materialising k. Applies where it can: X on CUDA with Triton, geometry 'k_map' (any d_v), and no
+    hooks on a site's ``k_dir`` or ``write`` (a Probe hooks them, and gets the unfused path);
+    elsewhere the PyTorch path runs unchanged."""
 
     qk_norm: bool = True
     """Per-head learnable RMSNorm on q and k, applied after RoPE as in the official code."""
