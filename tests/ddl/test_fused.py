@@ -346,19 +346,22 @@ def test_cuda_opcheck(d_v, x_dtype, h_dtype):
 @pytest.mark.parametrize("d_v", [1, 4])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
 def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp, d_v):
-    """Inductor keeps the op, one graph; loss and grads match the eager unfused model.
+    """Inductor keeps the op, one graph; loss and grads match the unfused model.
 
-    fp32 (TF32 off): the two differ only by fp32 rounding orders, 1e-4 relative on the grads.
-    bf16 autocast: inductor and eager round the bf16 matmuls differently; 2e-2 on the loss and 5e-2
-    on each grad's norm of difference, relative to its norm, leave room for a few bf16 roundings."""
+    fp32 (TF32 off): against the eager model; the two differ only by fp32 rounding orders, 1e-4
+    relative on the grads. bf16 autocast: against the unfused model compiled the same way, since
+    inductor and eager round the bf16 matmuls differently (the tied embedding's grad differed by
+    5.5% from eager's on the H100); 2e-2 on the loss and 5e-2 on each grad's norm of difference,
+    relative to its norm, leave room for the op's own bf16 roundings."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch._dynamo.reset()
     plain, twin = (m.cuda() for m in models(block_size=64, d_v=d_v))
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(twin, fullgraph=True, backend=counter)
     idx = torch.randint(0, 97, (4, 64), generator=torch.Generator().manual_seed(5)).cuda()
+    reference = torch.compile(plain, fullgraph=True) if amp else plain
     losses = []
-    for net in (plain, compiled):
+    for net in (reference, compiled):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             _, loss = net(idx, idx.roll(-1, 1))
         loss.backward()
