@@ -84,3 +84,17 @@ def test_fused_statistics_match_plain(monkeypatch, defer, fn):
     for a, b in zip(sf.records, sp.records, strict=True):
         assert_stats_close(a.scalars, b.scalars, rtol=1e-5, atol=1e-6)
         assert {k: h.counts for k, h in a.hists.items()} == {k: h.counts for k, h in b.hists.items()}
+
+
+def test_attaching_widens_inductor_pointwise_cat_to_the_site_count(monkeypatch):
+    """The stacked statistics concatenate one row per site; above inductor's limit each input
+    became its own copy kernel (+147 launches per compiled step of the small model)."""
+    from torch._inductor import config
+
+    monkeypatch.setattr(config, "max_pointwise_cat_inputs", 2)
+    model = tiny(n_layer=3)
+    with Probe(model, sinks=[MemorySink()], host="thread"):
+        assert config.max_pointwise_cat_inputs == 6  # 3 layers x (attn, mlp)
+    monkeypatch.setattr(config, "max_pointwise_cat_inputs", 64)
+    with Probe(model, sinks=[MemorySink()], host="thread"):
+        assert config.max_pointwise_cat_inputs == 64  # never narrowed
