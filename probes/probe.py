@@ -82,22 +82,6 @@ class _Job:
     extra: bool = False
 
 
-def _widen_pointwise_cat(n_sites: int) -> None:
-    """Let inductor concatenate the sites' rows in one kernel when the user compiles the model.
-
-    The statistics stack each input of every site along a site axis (``_Shared.flush``). Inductor
-    writes a cat of more than ``max_pointwise_cat_inputs`` (8) inputs as one copy kernel per input:
-    on the H100, the small model's 24 sites cost +147 launches per compiled step instead of ~16,
-    about 2 ms of host time. A wider limit only changes how cats of up to ``n_sites`` inputs are
-    generated, in any graph compiled from now on in this process."""
-    try:
-        from torch._inductor import config
-    except ImportError:  # a torch build without inductor: nothing to widen
-        return
-    if getattr(config, "max_pointwise_cat_inputs", n_sites) < n_sites:
-        config.max_pointwise_cat_inputs = n_sites
-
-
 class Probe:
     """Forward-hook statistics of every delta residual, computed on the device every ``every``
     steps, finished on a host thread, judged by :class:`server.rules.Detector`, written to sinks.
@@ -173,7 +157,6 @@ class Probe:
 
         self.token_stride = token_stride
         self._sh = _Shared(len(found), fuse, stride=token_stride)
-        _widen_pointwise_cat(len(found))
         self._sh.mode = ACCUM if start_step % every == 0 else OFF
         param = next(self._root.parameters(), None)
         if found and cfg is not None and param is not None and param.device.type != "meta":
@@ -491,9 +474,7 @@ class Probe:
             self._fault("host", RuntimeError(f"in the probe worker: {done.error}"))
         if done.record is not None:
             self.sink.write(job.step, *done.record)
-        with self._lock:
-            self._done.extend(done.transitions)
-            self._latest = (done.alerts, done.verdict)
+        self._publish(done.transitions, done.alerts, done.verdict)
 
     def _local(self, job: _Job, raw: np.ndarray | None) -> None:
         assert self._host is not None
@@ -504,9 +485,13 @@ class Probe:
         transitions, _, _ = self._host.process(job.step, arr, job.layout, job.scalar_names, job.host_scalars,
                                                job.world)
         d = self._host.detector
+        self._publish(transitions, d.alerts(), d.verdict())
+
+    def _publish(self, transitions: list[Transition], alerts: list[Alert], verdict: str) -> None:
+        """Hand a log step's judgement to the training thread, which applies it at its next join."""
         with self._lock:
             self._done.extend(transitions)
-            self._latest = (d.alerts(), d.verdict())
+            self._latest = (alerts, verdict)
 
     def _worker_lost(self, e: WorkerLost) -> None:
         """The worker exited or hung: finish on this thread from now on, with the sinks' idle copies
