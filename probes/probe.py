@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from probes._discover import find_sites, unwrap
-from probes._hooks import ACCUM, OFF, PROBE, SiteHooks, _Shared
+from probes._hooks import ACCUM, OFF, PROBE, Attachment, _Shared
 from probes._layout import Layout
 from probes._worker import HostConfig, HostSide, StepMeta, Worker, WorkerLost, apply_report, movable
 from probes.sink import Sink
@@ -156,26 +156,21 @@ class Probe:
         self._last_probe: int | None = None
 
         self.token_stride = token_stride
-        self._sh = _Shared(len(found), fuse, stride=token_stride)
+        self._sh = _Shared(len(found), fuse, stride=token_stride, beta_max=self.beta_max,
+                           thresholds=self.thresholds)
         self._sh.mode = ACCUM if start_step % every == 0 else OFF
         param = next(self._root.parameters(), None)
         if found and cfg is not None and param is not None and param.device.type != "meta":
             # the buffer exists before the first forward: a model compiled after attaching traces
             # it as it will stay (allocated mid-trace, it cost a second compile of the whole model)
             self._sh.ensure(param.device, self._d_hint)
-        self._handles: list[Any] = []
+        self._attached = Attachment(self._sh)
         for i, s in enumerate(found):
-            hk = SiteHooks(self._sh, i, self.beta_max, self.thresholds)
             m = s.module
-            self._handles += [
-                m.register_forward_hook(hk.residual, with_kwargs=True),
-                m.beta_gate.register_forward_hook(hk.beta),
-                m.k_dir.register_forward_hook(hk.k),
-                m.write.register_forward_hook(hk.write),
-            ]
-            logit = getattr(m.beta_gate, "logit", None)  # absent when beta is fixed
-            if isinstance(logit, nn.Module):
-                self._handles.append(logit.register_forward_hook(hk.logit))
+            for role, mod in (("logit", getattr(m.beta_gate, "logit", None)),
+                              ("k_dir", m.k_dir), ("write", m.write), ("residual", m)):
+                if isinstance(mod, nn.Module):  # the logit is absent when beta is fixed
+                    self._attached.add(mod, role, i)
 
         self.stats = ProbeStats()
         self._faults: set[str] = set()
@@ -262,9 +257,7 @@ class Probe:
         if self._closed:
             return
         self.flush()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._attached.remove()
         self._closed = True
         self._q.put(None)
         self._thread.join(timeout=30)

@@ -43,8 +43,33 @@ def test_exit_removes_every_hook():
     model = tiny()
     before = _hook_count(model)
     with Probe(model, sinks=[MemorySink()]):
-        assert _hook_count(model) == before + 4 * 5  # residual, gate, logit, k_dir, write
+        assert _hook_count(model) == before + 4 * 4  # residual, logit, k_dir, write
     assert _hook_count(model) == before
+
+
+def test_two_probes_on_one_model_share_its_hooks():
+    """A second probe on the same residuals adds no hooks; each gets the full statistics, with its
+    own schedule, and closing one leaves the other measuring."""
+    model = tiny()
+    x = batch(model, 2)
+    a, b = MemorySink(), MemorySink()
+    pa = Probe(model, sinks=[a])
+    with Probe(model, every=2, sinks=[b]) as pb, torch.no_grad():
+        assert _hook_count(model) == 4 * 4
+        for step in range(3):
+            model(x, x)
+            pa.step(step)
+            pb.step(step)
+        pa.close()
+        assert _hook_count(model) == 4 * 4
+        model(x, x)
+        pb.step(3)
+        model(x, x)
+        pb.step(4)
+    assert _hook_count(model) == 0
+    assert [r.step for r in a.records] == [0, 1, 2] and [r.step for r in b.records] == [0, 2, 4]
+    assert a.records[0].scalars == b.records[0].scalars and a.records[2].scalars == b.records[1].scalars
+    assert b.records[2].scalars["beta_mean/mlp/L01"] == b.records[1].scalars["beta_mean/mlp/L01"]
 
 
 def test_log_steps_and_idle_hooks():
