@@ -7,7 +7,8 @@ statistics against one process over the same global batch.
 1. Overhead: small preset, bf16, B = 16 per rank, T = 1024, stats every step; blocks of steps
    alternate probe attached / detached on the DDP model (interleaved, as bench/probe_overhead.py);
    each block's median step (CUDA events, the slowest rank) is one sample; the figure is the ratio
-   of the medians.
+   of the medians, for each of ``--sync step`` and ``block`` (bench/probe_overhead.py says which
+   loop each one stands for).
 2. Equality (world > 1): one step of a fresh model in fp32 (no TF32) on a fixed global batch, each
    rank on its shard, against rank 0 alone on the whole batch; every statistic within 1e-4
    (k_abs_concentration left out: its mean direction is per forward pass, hence per rank;
@@ -32,9 +33,9 @@ from ddl import DDLModel, presets, with_overrides
 from probes import MemorySink, Probe
 
 
-def block(net, opt, probe, batches, start, n, amp) -> float:
+def block(net, opt, probe, batches, start, n, amp, sync="step") -> float:
     """bench/probe_overhead.py's timed block on every rank; the slowest rank's median, ms."""
-    t = torch.tensor([run_block(net, opt, probe, batches, start, n, True, amp) * 1e3], device="cuda")
+    t = torch.tensor([run_block(net, opt, probe, batches, start, n, True, amp, sync) * 1e3], device="cuda")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the step is as slow as the slowest rank
     return float(t)
 
@@ -49,7 +50,8 @@ def overhead(args, rank: int, world: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(1 + rank)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda", generator=g)
                for _ in range(4)]
-    samples: dict[str, list[float]] = {"off": [], "on": []}
+    syncs = ["step", "block"] if args.sync == "both" else [args.sync]
+    samples: dict[str, list[float]] = {f"{c}/{s}": [] for c in ("off", "on") for s in syncs}
     sinks = Sinks("jsonl")  # rank 0 writes, as deltascope train; every rank runs the Detector
     made = sinks if rank == 0 else list
     step = 0
@@ -62,23 +64,26 @@ def overhead(args, rank: int, world: int) -> dict:
         step += args.warmup
     host = None
     for b in range(args.blocks):
-        for cond in (("off", "on") if b % 2 == 0 else ("on", "off")):
-            if cond == "on":
-                with Probe(net, every=1, sinks=made(), start_step=step) as pr:
-                    block(net, opt, pr, batches, step, args.block_warmup, amp)  # the worker starts
+        for sync in syncs:
+            for cond in (("off", "on") if b % 2 == 0 else ("on", "off")):
+                if cond == "on":
+                    with Probe(net, every=1, sinks=made(), start_step=step) as pr:
+                        block(net, opt, pr, batches, step, args.block_warmup, amp)  # the worker starts
+                        step += args.block_warmup
+                        samples[f"{cond}/{sync}"].append(block(net, opt, pr, batches, step, args.steps, amp, sync))
+                        host = pr.host
+                else:
+                    block(net, opt, None, batches, step, args.block_warmup, amp)
                     step += args.block_warmup
-                    samples[cond].append(block(net, opt, pr, batches, step, args.steps, amp))
-                    host = pr.host
-            else:
-                block(net, opt, None, batches, step, args.block_warmup, amp)
-                step += args.block_warmup
-                samples[cond].append(block(net, opt, None, batches, step, args.steps, amp))
-            step += args.steps
-    off, on = statistics.median(samples["off"]), statistics.median(samples["on"])
-    return {"world": world, "off_ms": off, "on_ms": on, "overhead": on / off - 1,
-            "records": sinks.records() if rank == 0 else None, "host": host,
-            "off_blocks_ms": [round(x, 2) for x in samples["off"]],
-            "on_blocks_ms": [round(x, 2) for x in samples["on"]]}
+                    samples[f"{cond}/{sync}"].append(block(net, opt, None, batches, step, args.steps, amp, sync))
+                step += args.steps
+    res: dict = {"world": world, "records": sinks.records() if rank == 0 else None, "host": host, "sync": {}}
+    for sync in syncs:
+        off, on = statistics.median(samples[f"off/{sync}"]), statistics.median(samples[f"on/{sync}"])
+        res["sync"][sync] = {"off_ms": off, "on_ms": on, "overhead": on / off - 1,
+                             "off_blocks_ms": [round(x, 2) for x in samples[f"off/{sync}"]],
+                             "on_blocks_ms": [round(x, 2) for x in samples[f"on/{sync}"]]}
+    return res
 
 
 def one_step(model, net, x) -> dict[str, float]:
@@ -134,6 +139,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--block-warmup", type=int, default=2, help="untimed steps opening every block")
+    p.add_argument("--sync", default="both", choices=("step", "block", "both"),
+                   help="when the host waits for the device (bench/probe_overhead.py)")
     p.add_argument("--json")
     args = p.parse_args()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -146,8 +153,10 @@ def main() -> None:
             res["equality"] = equality(args, rank, world)
         res["seconds"] = round(time.time() - t0, 1)
         if rank == 0:
-            print(f"{res['device']} x{world} torch {res['torch']} DDP small B={args.batch}/rank T={args.seq}: "
-                  f"off {res['off_ms']:.2f} ms, on {res['on_ms']:.2f} ms, overhead {100 * res['overhead']:+.2f}%")
+            print(f"{res['device']} x{world} torch {res['torch']} DDP small B={args.batch}/rank T={args.seq}:")
+            for sync, r in res["sync"].items():
+                print(f"  sync={sync}: off {r['off_ms']:.2f} ms, on {r['on_ms']:.2f} ms, "
+                      f"overhead {100 * r['overhead']:+.2f}%")
             if "equality" in res:
                 print("merged vs single process:", json.dumps(res["equality"]))
             if args.json:

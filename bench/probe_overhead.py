@@ -10,6 +10,14 @@ medians over all blocks is the overhead.
     python bench/probe_overhead.py --preset small --batch 16 --seq 1024 [--compile] [--device cuda]
     python bench/probe_overhead.py --preset tiny --batch 16 --seq 128 --device cpu
 
+``--sync`` says when the host waits for the device: ``step`` (after every step, as a loop that
+reads its loss each step: the host's launch of a step sits on the critical path, so every
+microsecond of host work the probe adds shows), ``block`` (steps are timed by CUDA events recorded
+between them and read once at the end of the block, as ``deltascope train`` runs between its
+progress lines: the host runs ahead, and only what the probe adds to the device's timeline or to
+a host that falls behind it shows) or ``both`` (default: the two alternate, block by block, in one
+process and one compilation).
+
 ``--sinks`` picks what the probe writes to: ``jsonl`` (default; a real file, in the probe's worker
 process when ``--host`` is process), ``jsonl,tb`` (plus TensorBoard, as ``deltascope train``) or
 ``memory`` (records pickled back into the training process).
@@ -34,27 +42,6 @@ from probes._hooks import ACCUM, OFF
 from probes.sinks import JsonlSink, MemorySink, TensorBoardSink
 
 
-class Timer:
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def __enter__(self):
-        if self.cuda:
-            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.a.record()
-        else:
-            self.t = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.b.record()
-            self.b.synchronize()
-            self.s = self.a.elapsed_time(self.b) / 1e3
-        else:
-            self.s = time.perf_counter() - self.t
-
-
 def make(args, device):
     torch.manual_seed(0)
     cfg = with_overrides(presets[args.preset], block_size=args.seq, **json.loads(args.set))
@@ -73,17 +60,42 @@ def train_step(net, opt, b, amp):
     return loss
 
 
-def run_block(net, opt, probe, batches, start, n, cuda, amp):
-    """Steps ``start`` .. ``start + n - 1``, each timed with a sync at its end: the median, s
-    (None for no steps)."""
+def run_block(net, opt, probe, batches, start, n, cuda, amp, sync="step"):
+    """Steps ``start`` .. ``start + n - 1``: the median step time, s (None for no steps).
+
+    ``sync="step"``: each step is timed alone, with a sync at its end. ``"block"``: CUDA events
+    between the steps, one sync at the end of the block (on CPU every step is synchronous anyway)."""
+    if n == 0:
+        return None
+    if not cuda:
+        times = []
+        for i in range(start, start + n):
+            t = time.perf_counter()
+            one_step(net, opt, probe, batches, i, amp)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
     times = []
-    for i in range(start, start + n):
-        with Timer(cuda) as t:
-            loss = train_step(net, opt, batches[i % len(batches)], amp)
-            if probe is not None:
-                probe.step(i, scalars={"loss": loss.detach()})
-        times.append(t.s)
-    return statistics.median(times) if times else None
+    events[0].record()
+    for j, i in enumerate(range(start, start + n)):
+        one_step(net, opt, probe, batches, i, amp)
+        events[j + 1].record()
+        if sync == "step":
+            events[j + 1].synchronize()
+            times.append(events[j].elapsed_time(events[j + 1]) / 1e3)
+            if j + 1 < n:
+                events[j + 1] = torch.cuda.Event(enable_timing=True)
+                events[j + 1].record()  # the next step's clock starts after the host wakes
+    if sync == "block":
+        events[-1].synchronize()
+        times = [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:], strict=False)]
+    return statistics.median(times)
+
+
+def one_step(net, opt, probe, batches, i, amp):
+    loss = train_step(net, opt, batches[i % len(batches)], amp)
+    if probe is not None:
+        probe.step(i, scalars={"loss": loss.detach()})
 
 
 class Sinks:
@@ -135,6 +147,10 @@ def main() -> None:
     p.add_argument("--no-defer", action="store_true",
                    help="statistics per site where each residual runs, not stacked at the forward's end")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sync", default="both", choices=("step", "block", "both"),
+                   help="when the host waits for the device (see the module docstring)")
+    p.add_argument("--bare", action="store_true",
+                   help="compiled: also time a copy compiled with no probe (the guards on the hooks included)")
     p.add_argument("--json", help="append the result as one JSON line to this file")
     args = p.parse_args()
     probes._hooks.DEFER = not args.no_defer
@@ -145,7 +161,12 @@ def main() -> None:
     batches = [torch.randint(0, model.cfg.vocab_size, (args.batch, args.seq + 1), device=args.device, generator=g)
                for _ in range(4)]
     sinks = Sinks(args.sinks)
+    conds = ["off", "on"]
     if args.compile:
+        if args.bare:  # a copy compiled before any hook exists: what the model costs with no probe
+            bare, bare_opt = make(args, args.device)
+            nets_bare = (torch.compile(bare), bare_opt, None)
+            conds.append("bare")
         # one compiled model with the probe attached; "off" blocks keep its hooks disarmed (the
         # hooks read one int, a dynamo guard: the off graph holds no statistics at all), so both
         # conditions run the same weights in the same memory
@@ -153,56 +174,70 @@ def main() -> None:
         probe.__enter__()
         cnet = torch.compile(model)
         nets = {"off": (cnet, opt, None), "on": (cnet, opt, probe)}
+        if args.bare:
+            nets["bare"] = nets_bare
     else:
         nets = {"off": (model, opt, None), "on": (model, opt, None)}
-    samples: dict[str, list[float]] = {"off": [], "on": []}
+    syncs = ["step", "block"] if args.sync == "both" or not cuda else [args.sync]
+    if not cuda:
+        syncs = ["step"]  # every CPU step is synchronous
+    samples: dict[str, list[float]] = {f"{c}/{s}": [] for c in conds for s in syncs}
     step = 0
-    for cond in ("off", "on"):  # warm-up (and compile) both
+    host = args.host
+
+    def block(cond: str, n: int, sync: str) -> float | None:
+        nonlocal step, host
         net, o, pr = nets[cond]
-        if not args.compile and cond == "on":
-            with probe_for(model, args, sinks) as pr:
-                run_block(net, o, pr, batches, step, args.warmup, cuda, amp)
-        else:
-            if args.compile:
-                arm(probe, cond, step, args.every)
-            run_block(net, o, pr, batches, step, args.warmup, cuda, amp)
-        step += args.warmup
-    for blk in range(args.blocks):
-        for cond in (("off", "on") if blk % 2 == 0 else ("on", "off")):
-            net, o, pr = nets[cond]
-            if not args.compile and cond == "on":
-                with probe_for(model, args, sinks, start_step=step) as pr:
-                    run_block(net, o, pr, batches, step, args.block_warmup, cuda, amp)
-                    step += args.block_warmup
-                    samples[cond].append(run_block(net, o, pr, batches, step, args.steps, cuda, amp))
-                    host = pr.host
-            else:
-                if args.compile:
-                    arm(probe, cond, step, args.every)
+        if not args.compile and cond == "on":  # eager: a fresh probe attached for the block
+            with probe_for(model, args, sinks, start_step=step) as pr:
                 run_block(net, o, pr, batches, step, args.block_warmup, cuda, amp)
                 step += args.block_warmup
-                samples[cond].append(run_block(net, o, pr, batches, step, args.steps, cuda, amp))
-            step += args.steps
+                t = run_block(net, o, pr, batches, step, n, cuda, amp, sync)
+                host = pr.host
+        else:
+            if args.compile and cond != "bare":
+                arm(probe, cond, step, args.every)
+            run_block(net, o, pr, batches, step, args.block_warmup, cuda, amp)
+            step += args.block_warmup
+            t = run_block(net, o, pr, batches, step, n, cuda, amp, sync)
+        step += n
+        return t
+
+    for cond in conds:  # warm-up (and compile) every condition
+        block(cond, args.warmup, "step")
+    for blk in range(args.blocks):
+        for sync in syncs:
+            for cond in (conds if blk % 2 == 0 else conds[::-1]):
+                samples[f"{cond}/{sync}"].append(block(cond, args.steps, sync))
     if args.compile:
         host = probe.host
         probe.__exit__(None, None, None)
     records = sinks.records()
-    off, on = statistics.median(samples["off"]), statistics.median(samples["on"])
     device = torch.cuda.get_device_name() if cuda else "cpu"
+    med = {k: statistics.median(v) for k, v in samples.items()}
     res = {"preset": args.preset, "set": args.set, "compile": args.compile, "every": args.every,
            "token_stride": args.token_stride, "host": host, "sinks": args.sinks, "defer": not args.no_defer,
-           "batch": args.batch, "seq": args.seq, "device": device, "torch": torch.__version__,
-           "off_ms": off * 1e3, "on_ms": on * 1e3, "overhead": on / off - 1, "records": records,
-           "off_blocks_ms": [round(x * 1e3, 2) for x in samples["off"]],
-           "on_blocks_ms": [round(x * 1e3, 2) for x in samples["on"]]}
+           "batch": args.batch, "seq": args.seq, "device": device, "torch": torch.__version__, "records": records}
+    head = (f"{device} torch {torch.__version__} {args.preset} {args.set} B={args.batch} T={args.seq} "
+            f"compile={args.compile} every={args.every} stride={args.token_stride} host={host} "
+            f"sinks={args.sinks} defer={not args.no_defer} ({records} records)")
+    print(head)
+    for sync in syncs:
+        off, on = med[f"off/{sync}"], med[f"on/{sync}"]
+        r = res.setdefault("sync", {})[sync] = {
+            "off_ms": off * 1e3, "on_ms": on * 1e3, "overhead": on / off - 1,
+            **{f"{c}_blocks_ms": [round(x * 1e3, 2) for x in samples[f"{c}/{sync}"]] for c in conds}}
+        line = f"  sync={sync}: off {off * 1e3:.2f} ms, on {on * 1e3:.2f} ms, overhead {100 * (on / off - 1):+.2f}%"
+        if "bare" in conds:
+            bare_ms = med[f"bare/{sync}"]
+            r["bare_ms"], r["overhead_vs_bare"] = bare_ms * 1e3, on / bare_ms - 1
+            line += f"; no probe at all {bare_ms * 1e3:.2f} ms, on vs that {100 * (on / bare_ms - 1):+.2f}%"
+        print(line)
+    if len(syncs) == 1:  # the one-mode line keeps the fields earlier lines had
+        res.update({k: v for k, v in res["sync"][syncs[0]].items() if not k.endswith("_blocks_ms")})
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(res) + "\n")
-    print(f"{device} torch {torch.__version__} {args.preset} {args.set} B={args.batch} T={args.seq} "
-          f"compile={args.compile} every={args.every} stride={args.token_stride} host={host} sinks={args.sinks} "
-          f"defer={not args.no_defer}: off {off * 1e3:.2f} ms, on {on * 1e3:.2f} ms, "
-          f"overhead {100 * (on / off - 1):+.2f}% ({records} records)")
-
 
 if __name__ == "__main__":
     main()
