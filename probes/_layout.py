@@ -3,9 +3,10 @@
 One float64 buffer (float32 where the device has no float64, e.g. MPS) holds, in order:
 
     [ site 0 sums | site 1 sums | ... | device scalars (capacity C) | site 0 maxima | ... ]
-      <-------------- all-reduced with SUM ---------------------->   <-- reduced with MAX -->
+      <-------------- merged with SUM ---------------------->        <-- merged with MAX -->
 
-so a DDP log step costs exactly two collectives, each on a contiguous slice. A site's sum block is
+so a DDP log step costs one all-gather of the buffer and two reductions, each over a contiguous
+slice. A site's sum block is
 filled by one in-place add per forward pass (``_stats.site_block`` returns it whole, in this
 order); it ends with the sum of k (d values), so only its tail depends on d. Maxima keep ``-min``
 for minima so one MAX reduces both.
