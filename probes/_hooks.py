@@ -235,8 +235,9 @@ _LIVE: dict[int, _Shared] = {}
 their probe here and their site in an attribute of the module they hook, so that under
 torch.compile dynamo reaches all state through one global (one set of guards) instead of through
 each hook's bound object (a set per hook). Guard evaluation is paid on every compiled step,
-armed or not: on the small model (96 hooks) a probe adds 42 us to it disarmed and 74 us armed,
-where per-site hook objects added 122 and 144 us (this 2-core machine; the model alone: 115 us).
+armed or not: on the small model (96 hooks) a probe adds 36 us to it disarmed and 48 us armed,
+where per-site hook objects added 115 and 143 us (``bench/probe_guards.py``, the 2-core CPU
+machine; the model alone: ~120 us).
 The beta gate needs no hook: the write's inputs carry the beta it used."""
 _ATTR = "_deltascope_sites"
 _keys = itertools.count()
