@@ -70,9 +70,10 @@ class DDLConfig(BaseModel):
     X' = X + beta k (v - p)^T as one Triton kernel forward and one backward (``ddl.fused``) instead of
     materialising k. Applies where it can: X on CUDA with Triton, geometry 'k_map' (any d_v), and no
     hooks on a site's ``k_dir`` or ``write`` (a Probe hooks them, and gets the unfused path);
-    elsewhere the PyTorch path runs unchanged. Experimental and off by default: on an H100 under
-    torch.compile it is slower than inductor's own fusion of the unfused path (small preset: 0.80x
-    against 0.89x the additive baseline's tokens/s; docs/PERFORMANCE.md)."""
+    elsewhere the PyTorch path runs unchanged. Off by default. On an H100 under torch.compile
+    (small preset, tokens/s against the additive baseline; docs/PERFORMANCE.md):
+    - d_v = 1: slower than inductor's own fusion of the unfused path, 0.80x against 0.89x;
+    - d_v = 4 CC: faster, 0.64x against 0.51x, and 2.8 GiB less peak memory."""
 
     qk_norm: bool = True
     """Per-head learnable RMSNorm on q and k, applied after RoPE as in the official code."""
