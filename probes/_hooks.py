@@ -54,6 +54,10 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
     return t.detach() if torch.compiler.is_compiling() else t
 
 
+def _detached(a: Any) -> Any:
+    return a.detach() if isinstance(a, torch.Tensor) and a.requires_grad else a
+
+
 def widen_pointwise_cat(n_sites: int) -> None:
     """Let inductor concatenate the sites' rows in one kernel when the user compiles the model.
 
@@ -135,7 +139,7 @@ class _Shared:
             fused = self._fused[name] = torch.compile(fn, fullgraph=True, backend=FUSE_BACKEND,
                                                       options=options)
         # dynamo inspects .grad of inputs that require it (a warning on non-leaf tensors)
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args)
+        args = tuple(tuple(map(_detached, a)) if isinstance(a, tuple) else _detached(a) for a in args)
         try:
             return fused(*args)
         except Exception as e:  # never let fusion take training down: plain ops from now on
@@ -157,16 +161,10 @@ class _Shared:
         assert self.buf is not None and L is not None
         if all(e is not None for e in pending) and len({tuple(t.shape for t in e if t is not None)
                                                          for e in pending}) == 1:
-            # each site sampled as site_block samples it (views with a site axis of 1), then
-            # concatenated along that axis: one copy per input for all sites
-            sampled = [_stats.sample(X, h, k, None, st) for X, _, _, h, k, *_ in pending]
-            Xs, hs, ks, kn = (torch.cat(col) for col in list(zip(*sampled, strict=True))[:4])
-            n_pairs = sampled[0][5]
-            _, beta, logit, _, _, v, p, bw, delta = zip(*pending, strict=True)
-            sums, mx = self.call(
-                "sites_block", Xs, torch.stack(beta), None if logit[0] is None else torch.stack(logit),
-                hs, ks, kn, None, True, n_pairs, torch.stack(v), torch.stack(p), torch.stack(bw),
-                torch.stack(delta), st, *self.consts, self.buf.dtype)
+            # each site sampled as site_block samples it, stacked along a site axis: one call
+            X, beta, logit, h, k, v, p, bw, delta = zip(*pending, strict=True)
+            sums, mx = self.call("stacked_block", X, beta, None if logit[0] is None else logit, h, k, v, p, bw,
+                                 delta, st, *self.consts, self.buf.dtype)
             if sums.shape[1] == L.width:
                 self.buf.narrow(0, 0, L.scalars).add_(sums.reshape(-1))
             seg = self.buf.narrow(0, L.sum_end, mx.numel())

@@ -60,7 +60,7 @@ def test_inductor_cuda_fullgraph_matches_eager():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("defer,fn", [(True, "sites_block"), (False, "site_block")])
+@pytest.mark.parametrize("defer,fn", [(True, "stacked_block"), (False, "site_block")])
 def test_fused_statistics_match_plain(monkeypatch, defer, fn):
     """The compiled copies of the statistics (on by default on CUDA: one call per forward for
     all sites, or one per site) give the plain numbers; on CPU they are compiled with aot_eager
