@@ -116,11 +116,13 @@ class _Shared:
             buf[layout.sum_end :].copy_(old[prev.sum_end :])
         self.buf, self.layout = buf, layout
 
-    def reset(self) -> None:
-        """Zero the sums and set the maxima to -inf, in place (stream-ordered after the copy)."""
-        assert self.buf is not None and self.layout is not None
-        self.buf[: self.layout.sum_end].zero_()
-        self.buf[self.layout.sum_end :].fill_(float("-inf"))
+    def reset(self, buf: torch.Tensor | None = None) -> None:
+        """Zero the sums and set the maxima to -inf, in place (stream-ordered after the copy), in
+        ``buf`` (default: the buffer the hooks write)."""
+        buf = self.buf if buf is None else buf
+        assert buf is not None and self.layout is not None
+        buf[: self.layout.sum_end].zero_()
+        buf[self.layout.sum_end :].fill_(float("-inf"))
 
     def call(self, name: str, *args: Any) -> Any:
         """``_stats.<name>(*args)``, through its compiled copy when fusing."""

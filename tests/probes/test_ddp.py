@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from probes import MemorySink, Probe
 from tests.probes.conftest import assert_stats_close, batch, tiny
 
-STEPS = 2
+STEPS = 3
 
 
 def _train(model, net, x, pb) -> tuple[MemorySink, Probe]:
@@ -44,13 +44,13 @@ def _dump(sink: MemorySink, probe: Probe) -> dict:
     }
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
+def _rank(rank: int, world: int, port: int, out: str, device: str = "cpu") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = tiny()
-        x = batch(model, 2 * world)
+        model = tiny().to(device)
+        x = batch(model, 2 * world).to(device)
         half = x[2 * rank : 2 * rank + 2]
         sink, probe = _train(model, DDP(model), half, x[:1])
         Path(out, f"rank{rank}.json").write_text(json.dumps(_dump(sink, probe)))
@@ -65,11 +65,16 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_ranks_merge_into_the_single_process_statistics(tmp_path):
-    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_two_ranks_merge_into_the_single_process_statistics(tmp_path, device):
+    """On CUDA (both gloo ranks on one GPU) the merge runs on a side stream while the hooks write
+    a second buffer: two log steps check that the buffers take turns without losing a step."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path), device), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text())["records"] for r in (0, 1))
-    model = tiny()
-    x = batch(model, 4)
+    model = tiny().to(device)
+    x = batch(model, 4).to(device)
     single = _dump(*_train(model, model, x, x[:1]))["records"]
     assert [r["step"] for r in r0] == [r["step"] for r in single] == list(range(STEPS))
     for a, b, s in zip(r0, r1, single, strict=True):
