@@ -232,23 +232,26 @@ class _Shared:
 
 _LIVE: dict[int, _Shared] = {}
 """Every attached probe's shared state, by key. The hooks are module-level functions that find
-their probe here and their site in an attribute of the module they hook, so that under
+their probe here and their site in an attribute of the module they hook (with the module's id,
+so that a deep copy of the model stays out of the probe's statistics), so that under
 torch.compile dynamo reaches all state through one global (one set of guards) instead of through
 each hook's bound object (a set per hook). Guard evaluation is paid on every compiled step,
-armed or not: on the small model (96 hooks) a probe adds 36 us to it disarmed and 48 us armed,
-where per-site hook objects added 115 and 143 us (``bench/probe_guards.py``, the 2-core CPU
+armed or not: on the small model (96 hooks) a probe adds 46 us to it disarmed and 58 us armed
+(10 of them the checks of the modules' ids), where per-site hook objects added 115 and 143 us (``bench/probe_guards.py``, the 2-core CPU
 machine; the model alone: ~120 us).
 The beta gate needs no hook: the write's inputs carry the beta it used."""
 _ATTR = "_deltascope_sites"
 _keys = itertools.count()
 
 
-def _sites(module: nn.Module) -> tuple[tuple[int, int], ...]:
+def _sites(module: nn.Module) -> tuple[tuple[int, int, int], ...]:
     return module.__dict__.get(_ATTR, ())
 
 
 def _on_logit(module: nn.Module, args: Any, logit: torch.Tensor) -> None:
-    for key, i in module._deltascope_sites:
+    for key, i, mid in module._deltascope_sites:
+        if mid != id(module):  # a deep copy's forward
+            continue
         sh = _LIVE[key]
         if sh.mode == ACCUM:
             sh.logit[i] = _keep(logit)
@@ -256,7 +259,9 @@ def _on_logit(module: nn.Module, args: Any, logit: torch.Tensor) -> None:
 
 def _on_k(module: nn.Module, args: Any, k: torch.Tensor) -> None:
     """k_dir: forward(h) -> unit k, (B, T, d)."""
-    for key, i in module._deltascope_sites:
+    for key, i, mid in module._deltascope_sites:
+        if mid != id(module):  # a deep copy's forward
+            continue
         sh = _LIVE[key]
         if sh.mode == ACCUM:
             sh.hk[i] = (_keep(args[0]), _keep(k))
@@ -266,7 +271,9 @@ def _on_k(module: nn.Module, args: Any, k: torch.Tensor) -> None:
 
 def _on_write(module: nn.Module, args: Any, delta: torch.Tensor) -> None:
     """write: inputs (v, p, beta) with v, p (B, T, d_v); output delta = beta (v - p)."""
-    for key, i in module._deltascope_sites:
+    for key, i, mid in module._deltascope_sites:
+        if mid != id(module):  # a deep copy's forward
+            continue
         sh = _LIVE[key]
         if sh.mode == ACCUM:
             sh.vpbd[i] = (*(_keep(a) for a in args[:3]), _keep(delta))
@@ -275,7 +282,9 @@ def _on_write(module: nn.Module, args: Any, delta: torch.Tensor) -> None:
 def _on_residual(module: nn.Module, args: Any, kwargs: Any, out: torch.Tensor) -> None:
     """The residual itself, forward(X, ...) with X (B, T, d) or (B, T, d, d_v); runs after its
     children's hooks."""
-    for key, i in module._deltascope_sites:
+    for key, i, mid in module._deltascope_sites:
+        if mid != id(module):  # a deep copy's forward
+            continue
         sh = _LIVE[key]
         if sh.mode == ACCUM:
             sh.site_done(i, args[0] if args else kwargs["X"])
@@ -303,7 +312,9 @@ class Attachment:
             handle = (module.register_forward_hook(fn, with_kwargs=True) if role == "residual"
                       else module.register_forward_hook(fn))
             module.__dict__["_deltascope_handle"] = handle
-        module.__dict__[_ATTR] = (*sites, (self.key, i))
+        # (probe, site, the module's id): a deep copy of the model (an EMA copy, say) carries the
+        # hooks and this attribute along, and its forward must not write into this probe
+        module.__dict__[_ATTR] = (*sites, (self.key, i, id(module)))
         self._taken.append(module)
 
     def remove(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -70,6 +71,25 @@ def test_two_probes_on_one_model_share_its_hooks():
     assert [r.step for r in a.records] == [0, 1, 2] and [r.step for r in b.records] == [0, 2, 4]
     assert a.records[0].scalars == b.records[0].scalars and a.records[2].scalars == b.records[1].scalars
     assert b.records[2].scalars["beta_mean/mlp/L01"] == b.records[1].scalars["beta_mean/mlp/L01"]
+
+
+def test_a_deep_copy_of_the_model_stays_out_of_the_statistics():
+    """An EMA or evaluation copy made with deepcopy carries the hooks along; its forward at a log
+    step must not write into the probe of the model it was copied from."""
+    model = tiny()
+    x = batch(model, 2)
+    alone, with_copy = MemorySink(), MemorySink()
+    with Probe(model, sinks=[alone]) as probe, torch.no_grad():
+        model(x, x)
+        probe.step(0)
+    with Probe(model, sinks=[with_copy]) as probe, torch.no_grad():
+        ema = copy.deepcopy(model)
+        model(x, x)
+        ema(x[:1].flip(1), x[:1])
+        probe.step(0)
+    assert with_copy.last().scalars == alone.last().scalars
+    assert {k: list(h.counts) for k, h in with_copy.last().hists.items()} == {
+        k: list(h.counts) for k, h in alone.last().hists.items()}
 
 
 def test_log_steps_and_idle_hooks():
