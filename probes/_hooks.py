@@ -164,8 +164,8 @@ class _Shared:
         if all(e is not None for e in pending) and len({tuple(t.shape for t in e if t is not None)
                                                          for e in pending}) == 1:
             # each site sampled as site_block samples it, stacked along a site axis: one call
-            X, beta, logit, h, k, v, p, bw, delta = zip(*pending, strict=True)
-            sums, mx = self.call("stacked_block", X, beta, None if logit[0] is None else logit, h, k, v, p, bw,
+            X, logit, h, k, v, p, beta, delta = zip(*pending, strict=True)
+            sums, mx = self.call("stacked_block", X, None if logit[0] is None else logit, h, k, v, p, beta,
                                  delta, st, *self.consts, self.buf.dtype)
             if sums.shape[1] == L.width:
                 self.buf.narrow(0, 0, L.scalars).add_(sums.reshape(-1))
@@ -175,12 +175,12 @@ class _Shared:
         prev = None
         for i, e in enumerate(pending):
             if e is not None:
-                X, beta, logit, h, k, *vpbd = e
+                X, logit, h, k, *vpbd = e
                 pr = prev if prev is not None and prev.shape == k.shape else None
-                block, mx = self.call("site_block", X, beta, logit, h, k, pr, *vpbd, st, *self.consts,
+                block, mx = self.call("site_block", X, vpbd[2], logit, h, k, pr, *vpbd, st, *self.consts,
                                       self.buf.dtype)
                 self.add_site(i, block, mx)
-            prev = None if e is None else e[4]
+            prev = None if e is None else e[3]
 
     def site_done(self, i: int, X: torch.Tensor) -> None:
         """Site ``i``'s residual ran (state ``X``): keep its tensors for the stacked statistics at
@@ -189,12 +189,12 @@ class _Shared:
         self.logit[i] = self.hk[i] = self.vpbd[i] = None
         if hk is None or vpbd is None:  # not a delta residual's usual pass
             return
-        beta = vpbd[2]  # the gate's output as the write used it (a hook replacing it included)
+        # beta is the write's: the gate's output as the update used it (a hook replacing it included)
         self.ensure(X.device, X.shape[2])
         h, k = hk
         if self.defer:
             # keep the tensors (autograd holds X and k anyway) until the last site of the forward
-            self.pending[i] = (X, beta, logit, h, k, *vpbd)
+            self.pending[i] = (X, logit, h, k, *vpbd)
             if i == self.n_sites - 1:
                 self.flush()
             return
@@ -202,7 +202,7 @@ class _Shared:
         if prev is not None and prev.shape != k.shape:
             prev = None
         assert self.buf is not None
-        block, mx = self.call("site_block", _keep(X), beta, logit, h, k, prev, *vpbd, self.stride,
+        block, mx = self.call("site_block", _keep(X), vpbd[2], logit, h, k, prev, *vpbd, self.stride,
                               *self.consts, self.buf.dtype)
         self.prev_k = k if i < self.n_sites - 1 else None  # the last site lets go of it
         self.add_site(i, block, mx)
@@ -237,8 +237,8 @@ so that a deep copy of the model stays out of the probe's statistics), so that u
 torch.compile dynamo reaches all state through one global (one set of guards) instead of through
 each hook's bound object (a set per hook). Guard evaluation is paid on every compiled step,
 armed or not: on the small model (96 hooks) a probe adds 46 us to it disarmed and 58 us armed
-(10 of them the checks of the modules' ids), where per-site hook objects added 115 and 143 us (``bench/probe_guards.py``, the 2-core CPU
-machine; the model alone: ~120 us).
+(10 of them the checks of the modules' ids), where per-site hook objects added 115 and 143 us
+(``bench/probe_guards.py``, the 2-core CPU machine; the model alone: ~120 us).
 The beta gate needs no hook: the write's inputs carry the beta it used."""
 _ATTR = "_deltascope_sites"
 _keys = itertools.count()
@@ -248,21 +248,21 @@ def _sites(module: nn.Module) -> tuple[tuple[int, int, int], ...]:
     return module.__dict__.get(_ATTR, ())
 
 
+def _mine(module: nn.Module) -> list[tuple[_Shared, int]]:
+    """The probes a hooked module serves, each with its site index. A deep copy of the model (an
+    EMA copy, say) carries the hooks and the attribute along and serves none: ids differ."""
+    return [(_LIVE[key], i) for key, i, mid in module._deltascope_sites if mid == id(module)]
+
+
 def _on_logit(module: nn.Module, args: Any, logit: torch.Tensor) -> None:
-    for key, i, mid in module._deltascope_sites:
-        if mid != id(module):  # a deep copy's forward
-            continue
-        sh = _LIVE[key]
+    for sh, i in _mine(module):
         if sh.mode == ACCUM:
             sh.logit[i] = _keep(logit)
 
 
 def _on_k(module: nn.Module, args: Any, k: torch.Tensor) -> None:
     """k_dir: forward(h) -> unit k, (B, T, d)."""
-    for key, i, mid in module._deltascope_sites:
-        if mid != id(module):  # a deep copy's forward
-            continue
-        sh = _LIVE[key]
+    for sh, i in _mine(module):
         if sh.mode == ACCUM:
             sh.hk[i] = (_keep(args[0]), _keep(k))
         elif sh.mode == PROBE and sh.buf is not None:
@@ -271,10 +271,7 @@ def _on_k(module: nn.Module, args: Any, k: torch.Tensor) -> None:
 
 def _on_write(module: nn.Module, args: Any, delta: torch.Tensor) -> None:
     """write: inputs (v, p, beta) with v, p (B, T, d_v); output delta = beta (v - p)."""
-    for key, i, mid in module._deltascope_sites:
-        if mid != id(module):  # a deep copy's forward
-            continue
-        sh = _LIVE[key]
+    for sh, i in _mine(module):
         if sh.mode == ACCUM:
             sh.vpbd[i] = (*(_keep(a) for a in args[:3]), _keep(delta))
 
@@ -282,10 +279,7 @@ def _on_write(module: nn.Module, args: Any, delta: torch.Tensor) -> None:
 def _on_residual(module: nn.Module, args: Any, kwargs: Any, out: torch.Tensor) -> None:
     """The residual itself, forward(X, ...) with X (B, T, d) or (B, T, d, d_v); runs after its
     children's hooks."""
-    for key, i, mid in module._deltascope_sites:
-        if mid != id(module):  # a deep copy's forward
-            continue
-        sh = _LIVE[key]
+    for sh, i in _mine(module):
         if sh.mode == ACCUM:
             sh.site_done(i, args[0] if args else kwargs["X"])
 
@@ -312,8 +306,7 @@ class Attachment:
             handle = (module.register_forward_hook(fn, with_kwargs=True) if role == "residual"
                       else module.register_forward_hook(fn))
             module.__dict__["_deltascope_handle"] = handle
-        # (probe, site, the module's id): a deep copy of the model (an EMA copy, say) carries the
-        # hooks and this attribute along, and its forward must not write into this probe
+        # (probe, site, the module's id: see _mine)
         module.__dict__[_ATTR] = (*sites, (self.key, i, id(module)))
         self._taken.append(module)
 

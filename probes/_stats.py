@@ -188,22 +188,23 @@ def sites_block(
 
 
 def stacked_block(
-    X: tuple[torch.Tensor, ...], beta: tuple[torch.Tensor, ...], logit: tuple[torch.Tensor, ...] | None,
+    X: tuple[torch.Tensor, ...], logit: tuple[torch.Tensor, ...] | None,
     h: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...],
-    p: tuple[torch.Tensor, ...], beta_w: tuple[torch.Tensor, ...], delta: tuple[torch.Tensor, ...],
+    p: tuple[torch.Tensor, ...], beta: tuple[torch.Tensor, ...], delta: tuple[torch.Tensor, ...],
     stride: int, beta_max: float, identity_below: float, projection_band: float, reflection_above: float,
     logit_saturation: float, dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """S sites of equal shapes, one tensor per site in each tuple, in forward order ->
     :func:`sites_block` over them stacked along a site axis (each site sampled as
-    :func:`site_block` samples it). Compiled as one function, the sampling and the stacking are
-    inductor's to fuse into the statistics, instead of copies made before the call."""
+    :func:`site_block` samples it). ``beta`` is the write's input, which serves as the gate's
+    output too. Compiled as one function, the sampling and the stacking are inductor's to fuse
+    into the statistics, instead of copies made before the call."""
     sampled = [sample(Xi, hi, ki, None, stride) for Xi, hi, ki in zip(X, h, k, strict=True)]
     Xs, hs, ks, kn = (torch.cat(col) for col in list(zip(*sampled, strict=True))[:4])
-    return sites_block(Xs, torch.stack(beta), None if logit is None else torch.stack(logit), hs, ks, kn, None,
-                       True, sampled[0][5], torch.stack(v), torch.stack(p), torch.stack(beta_w),
-                       torch.stack(delta), stride, beta_max, identity_below, projection_band,
-                       reflection_above, logit_saturation, dtype)
+    b = torch.stack(beta)
+    return sites_block(Xs, b, None if logit is None else torch.stack(logit), hs, ks, kn, None, True,
+                       sampled[0][5], torch.stack(v), torch.stack(p), b, torch.stack(delta), stride, beta_max,
+                       identity_below, projection_band, reflection_above, logit_saturation, dtype)
 
 
 def site_block(
