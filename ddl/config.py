@@ -73,7 +73,7 @@ class DDLConfig(BaseModel):
     elsewhere the PyTorch path runs unchanged. Off by default. On an H100 under torch.compile
     (small preset, tokens/s against the additive baseline; docs/PERFORMANCE.md):
     - d_v = 1: slower than inductor's own fusion of the unfused path, 0.80x against 0.89x;
-    - d_v = 4 CC: faster, 0.64x against 0.51x, and 2.8 GiB less peak memory."""
+    - d_v = 4 CC: faster, 0.66x against 0.58x, and 4.5 GiB less peak memory."""
 
     qk_norm: bool = True
     """Per-head learnable RMSNorm on q and k, applied after RoPE as in the official code."""

@@ -21,6 +21,7 @@ from torch import nn
 
 from ddl import fused
 from ddl.config import DDLConfig
+from ddl.layers import NarrowLinear
 
 
 class BetaGate(nn.Module):
@@ -33,13 +34,13 @@ class BetaGate(nn.Module):
             self.logit = None
             return
         if cfg.beta_hidden is None:
-            self.logit = nn.Linear(cfg.d_model, 1, bias=True)
+            self.logit = NarrowLinear(cfg.d_model, 1, bias=True)
             bias = self.logit.bias
         else:
             self.logit = nn.Sequential(
                 nn.Linear(cfg.d_model, cfg.beta_hidden, bias=False),
                 nn.Tanh(),
-                nn.Linear(cfg.beta_hidden, 1, bias=True),
+                NarrowLinear(cfg.beta_hidden, 1, bias=True),
             )
             bias = self.logit[2].bias
         prob = min(max(cfg.beta_init / cfg.beta_max, 1e-6), 1 - 1e-6)
@@ -96,7 +97,7 @@ class DeltaResidual(nn.Module):
             self.k_source = nn.Sequential(
                 nn.Linear(cfg.d_model, r, bias=False), nn.SiLU(), nn.Linear(r, cfg.d_model, bias=False)
             )
-        self.v_proj = nn.Linear(cfg.d_model, cfg.d_v, bias=True)
+        self.v_proj = NarrowLinear(cfg.d_model, cfg.d_v, bias=True)
         self.v_scale = cfg.v_scale
         self.fused_delta = cfg.fused_delta
 
@@ -117,7 +118,7 @@ class DeltaResidual(nn.Module):
             p = (k * X.float()).sum(-1, keepdim=True)  # (B, T, 1)
             delta = self.write(v, p, beta)
             return X + (k * delta).to(X.dtype)
-        p = torch.einsum("btd,btdj->btj", k, X.float())  # (B, T, d_v)
+        p = (k.unsqueeze(-1) * X.float()).sum(-2)  # (B, T, d_v); einsum would be a bmm of 1 x d_v tiles
         delta = self.write(v, p, beta)  # (B, T, d_v)
         return X + (k.unsqueeze(-1) * delta.unsqueeze(-2)).to(X.dtype)  # (B, T, d, d_v)
 

@@ -62,7 +62,7 @@ def delta_update_reference(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, eps: f
     if X.dim() == h.dim():
         p = (k * X.float()).sum(-1, keepdim=True)
         return X + (k * (beta * (v - p))).to(X.dtype)
-    p = torch.einsum("...d,...dj->...j", k, X.float())
+    p = (k.unsqueeze(-1) * X.float()).sum(-2)
     return X + (k.unsqueeze(-1) * (beta * (v - p)).unsqueeze(-2)).to(X.dtype)
 
 

@@ -26,6 +26,27 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
+class NarrowLinear(nn.Linear):
+    """A Linear with a few outputs (the gate's logit, the value head): nn.Linear's parameters, state
+    dict and hooks, computed under ``torch.compile`` as a product and a sum over the input, in fp32.
+
+    A matmul of 1 to d_v columns runs as its own memory-bound GEMV launch that reads its input again;
+    written as a reduction, inductor fuses it into the kernel that produces that input (the RMSNorm
+    before the gate, the update before the value head). Eager keeps ``F.linear``: there the product
+    would be materialised. The compiled output is fp32, the eager one autocast's dtype; callers take
+    ``.float()`` either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return super().forward(x)
+        x, w = x.float(), self.weight.float()
+        if self.out_features <= 8:  # one read of each input row feeds every output's reduction
+            y = torch.stack([(x * w[o]).sum(-1) for o in range(self.out_features)], -1)
+        else:
+            y = (x.unsqueeze(-2) * w).sum(-1)
+        return y if self.bias is None else y + self.bias.float()
+
+
 class Rotary(nn.Module):
     """Half-split ("NeoX") rotary embedding with fp32 cos/sin tables for block_size positions."""
 

@@ -128,3 +128,28 @@ def test_bad_config_is_rejected_with_the_field_named():
         DDLConfig(nonsense=1)
     with pytest.raises(ValueError, match="block_size"):
         DDLModel(DDLConfig(**SMALL))(torch.zeros(1, 30, dtype=torch.long))
+
+
+@pytest.mark.parametrize("out", [1, 4, 16])
+def test_narrow_linear_compiled_equals_linear(out):
+    """Under torch.compile NarrowLinear is a product and a sum in fp32; it must give nn.Linear's
+    result and gradients (to bf16 rounding under autocast) and keep its parameters' names."""
+    from ddl.layers import NarrowLinear
+
+    torch.manual_seed(0)
+    ref, nl = torch.nn.Linear(48, out), NarrowLinear(48, out)
+    nl.load_state_dict(ref.state_dict())
+    assert list(nl.state_dict()) == ["weight", "bias"]
+    x = torch.randn(3, 5, 48)
+    compiled = torch.compile(nl, backend="eager", fullgraph=True)  # dynamo traces the compiled branch
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            want, got = ref(x), compiled(x)
+        assert got.shape == want.shape == (3, 5, out)
+        assert got.dtype == torch.float32  # the compiled form keeps fp32; callers take .float() anyway
+        tol = 2e-2 if amp else 1e-5
+        torch.testing.assert_close(got, want.float(), atol=tol, rtol=tol)
+    gw = torch.autograd.grad(ref(x).square().sum(), ref.weight)[0]
+    gn = torch.autograd.grad(compiled(x).square().sum(), nl.weight)[0]
+    torch.testing.assert_close(gn, gw, atol=1e-4, rtol=1e-4)
+    assert nl(x).dtype == torch.float32 and torch.equal(nl(x), ref(x))  # eager: F.linear itself
