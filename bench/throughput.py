@@ -4,7 +4,13 @@ One full training step (forward, backward, fused AdamW) at bf16 autocast, timed 
 over many steps after warm-up; median step time -> tokens/s. Variants run one after another in
 one process; the table printed last is what docs/PERFORMANCE.md records.
 
-    python bench/throughput.py --preset small --batch 16 --seq 1024 --steps 30 [--compile]
+``--sync`` says when the host waits for the device. ``step``: after every step, so each step also pays
+the host's launch of its first kernels while the GPU idles (a loop that reads its loss every step).
+``block``: events between steps, one sync after all of them, so the host queues step i+1 while the GPU
+runs step i (a loop that reads its loss every few steps, as ``deltascope train`` does). ``both`` times
+the two in turn and prints both.
+
+    python bench/throughput.py --preset small --batch 16 --seq 1024 --steps 30 [--compile] [--sync both]
 """
 
 from __future__ import annotations
@@ -61,23 +67,41 @@ def measure(name: str, overrides: dict, args) -> dict:
     torch.cuda.synchronize()
     warm_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.steps):
-        b = batches[i % 4]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(b[:, :-1], b[:, 1:])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    med = statistics.median(times)
-    res = {"variant": name, "compile": args.compile, "params": model.num_params(),
-           "step_ms": med * 1e3, "tokens_per_s": args.batch * args.seq / med,
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warm_s,
-           "spread_ms": (max(times) - min(times)) * 1e3}
+    res = {"variant": name, "compile": args.compile, "params": model.num_params(), "warmup_s": warm_s}
+    for sync in ("step", "block") if args.sync == "both" else (args.sync,):
+        times = timed_steps(step, batches, args.steps, sync)
+        med = statistics.median(times)
+        key = "" if sync == "step" else "_block"  # step-synced keeps the keys of earlier JSON lines
+        res.update({f"step_ms{key}": med * 1e3, f"tokens_per_s{key}": args.batch * args.seq / med,
+                    f"spread_ms{key}": (max(times) - min(times)) * 1e3})
+    res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, net, step
+    torch._dynamo.reset()  # the next variant compiles afresh, never reusing this one's graphs
     torch.cuda.empty_cache()
     return res
+
+
+def timed_steps(step, batches, n: int, sync: str) -> list[float]:
+    """Seconds per step, each between two CUDA events. ``sync="step"``: a sync after every step, so the
+    next step's first event is recorded on an idle GPU; ``"block"``: one sync after all n steps."""
+    if sync == "step":
+        times = []
+        for i in range(n):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step(batches[i % 4][:, :-1], batches[i % 4][:, 1:])
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        return times
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+    torch.cuda.synchronize()
+    events[0].record()
+    for i in range(n):
+        step(batches[i % 4][:, :-1], batches[i % 4][:, 1:])
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(events[:-1], events[1:], strict=True)]
 
 
 def main() -> None:
@@ -88,6 +112,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--sync", default="both", choices=("step", "block", "both"))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--json", help="append results as JSON lines to this file")
     args = p.parse_args()
@@ -95,17 +120,21 @@ def main() -> None:
         sys.exit("bench/throughput.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = [measure(n, VARIANTS[n], args) for n in args.variants.split(",")]
-    base = next((r["tokens_per_s"] for r in rows if r["variant"] == "additive"), None)
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:
                 f.write(json.dumps({**r, "device": torch.cuda.get_device_name(), "torch": torch.__version__}) + "\n")
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} preset={args.preset} "
           f"B={args.batch} T={args.seq} bf16 compile={args.compile}")
-    print(f"{'variant':<16}{'step ms':>9}{'tok/s':>12}{'vs add':>8}{'peak GiB':>10}")
-    for r in rows:
-        ratio = f"{r['tokens_per_s'] / base:.3f}" if base else "-"
-        print(f"{r['variant']:<16}{r['step_ms']:>9.1f}{r['tokens_per_s']:>12,.0f}{ratio:>8}{r['peak_mem_gib']:>10.2f}")
+    print(f"{'variant':<16}{'sync':>6}{'step ms':>9}{'tok/s':>12}{'vs add':>8}{'peak GiB':>10}")
+    for key, sync in (("", "step"), ("_block", "block")):
+        base = next((r[f"tokens_per_s{key}"] for r in rows if r["variant"] == "additive"), None)
+        for r in rows:
+            if f"step_ms{key}" not in r:
+                continue
+            ratio = f"{r[f'tokens_per_s{key}'] / base:.3f}" if base else "-"
+            print(f"{r['variant']:<16}{sync:>6}{r[f'step_ms{key}']:>9.2f}{r[f'tokens_per_s{key}']:>12,.0f}"
+                  f"{ratio:>8}{r['peak_mem_gib']:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -117,35 +117,45 @@ def _warps(elements: int) -> int:
     return min(max(elements // 256, 1), 16)
 
 
-def _launch(d: int) -> tuple[int, int, int]:
+def _launch(d: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
     """d_v = 1: (ROWS, BLOCK_D, num_warps) for rows of width d, about 2048 elements a program, so that
     small d packs several rows and d = 768 runs two rows under 8 warps. A first guess, untuned on hardware."""
     block_d = triton.next_power_of_2(d)
+    if launch is not None:
+        return launch[0], block_d, launch[1]
     rows = max(1, 2048 // block_d)
     return rows, block_d, _warps(rows * block_d)
 
 
-def forward(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tile_launch(d: int, dv: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """d_v > 1: (BLOCK_D, BLOCK_V, num_warps), one token a program."""
+    block_d, block_v = triton.next_power_of_2(d), triton.next_power_of_2(dv)
+    return block_d, block_v, launch[1] if launch is not None else _warps(block_d * block_v)
+
+
+def forward(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, eps: float,
+            launch: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contiguous X (n, d, d_v), h (n, d), v (n, d_v), beta (n, 1) fp32 -> out like X, rnorm (n, 1) and
-    p (n, d_v) fp32."""
+    p (n, d_v) fp32. ``launch``: (rows a program, warps), for bench/fused_kernels.py's sweep; rows
+    applies to d_v = 1 only."""
     n, d, dv = X.shape
     out = torch.empty_like(X)
     rnorm = torch.empty(n, 1, dtype=torch.float32, device=X.device)
     p = torch.empty(n, dv, dtype=torch.float32, device=X.device)
     if dv == 1:
-        rows, block_d, num_warps = _launch(d)
+        rows, block_d, num_warps = _launch(d, launch)
         _fwd_kernel[(triton.cdiv(n, rows),)](X, h, v, beta, out, rnorm, p, n, d, eps * eps,
                                              ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
     else:
-        block_d, block_v = triton.next_power_of_2(d), triton.next_power_of_2(dv)
+        block_d, block_v, num_warps = _tile_launch(d, dv, launch)
         _fwd_tile_kernel[(n,)](X, h, v, beta, out, rnorm, p, d, dv, eps * eps, BLOCK_D=block_d,
-                               BLOCK_V=block_v, num_warps=_warps(block_d * block_v))
+                               BLOCK_V=block_v, num_warps=num_warps)
     return out, rnorm, p
 
 
 def backward(g: torch.Tensor, X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-             rnorm: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             rnorm: torch.Tensor, p: torch.Tensor, launch: tuple[int, int] | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contiguous g and X (n, d, d_v), h (n, d) and forward's fp32 row scalars -> grad_X, grad_h (their
     inputs' dtypes), grad_v (n, d_v), grad_beta (n, 1) fp32."""
     n, d, dv = X.shape
@@ -153,11 +163,11 @@ def backward(g: torch.Tensor, X: torch.Tensor, h: torch.Tensor, v: torch.Tensor,
     gv = torch.empty(n, dv, dtype=torch.float32, device=X.device)
     gbeta = torch.empty(n, 1, dtype=torch.float32, device=X.device)
     if dv == 1:
-        rows, block_d, num_warps = _launch(d)
+        rows, block_d, num_warps = _launch(d, launch)
         _bwd_kernel[(triton.cdiv(n, rows),)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, n, d,
                                              ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
     else:
-        block_d, block_v = triton.next_power_of_2(d), triton.next_power_of_2(dv)
+        block_d, block_v, num_warps = _tile_launch(d, dv, launch)
         _bwd_tile_kernel[(n,)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, d, dv, BLOCK_D=block_d,
-                               BLOCK_V=block_v, num_warps=_warps(block_d * block_v))
+                               BLOCK_V=block_v, num_warps=num_warps)
     return gX, gh, gv, gbeta

@@ -1,0 +1,96 @@
+"""The fused delta update's Triton kernels alone: time, bandwidth, and a sweep of their launch shape.
+
+For each state shape (d_v = 1: fp32 state, as a compiled d_v = 1 model carries it; d_v = 4: bf16, as EC
+makes it) and each launch (rows a program for d_v = 1, warps), the median of CUDA-event timed calls of
+the forward and the backward kernel, the bytes each must move (inputs read once, outputs written once)
+and the bandwidth that implies. The bytes over the device's bandwidth are the kernels' floor.
+
+    python bench/fused_kernels.py [--tokens 16384] [--d 768] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+def timed(fn, n: int) -> float:
+    for _ in range(3):
+        fn()
+    if not torch.cuda.is_available():  # the Triton interpreter on CPU: a smoke run, not a timing
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n * 1e6
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+    ev[0].record()
+    for i in range(n):
+        fn()
+        ev[i + 1].record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in zip(ev[:-1], ev[1:], strict=True)) * 1e3  # us
+
+
+def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int) -> list[dict]:
+    from ddl import _fused_kernels as fk
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(0)
+    X = torch.randn(n, d, dv, device=dev, generator=g).to(xdt)
+    h = torch.randn(n, d, device=dev, generator=g).to(torch.bfloat16)
+    v = torch.rand(n, dv, device=dev, generator=g) * 4
+    beta = torch.rand(n, 1, device=dev, generator=g) * 2
+    gout = torch.randn_like(X)
+    _, rnorm, pp = fk.forward(X, h, v, beta, 1e-5)
+    xb, hb = X.numel() * X.element_size(), h.numel() * h.element_size()
+    small = n * (2 * dv + 2) * 4  # v, beta in; rnorm, p out (fp32)
+    fwd_bytes, bwd_bytes = 2 * xb + hb + small, 3 * xb + 2 * hb + 2 * small
+    block_d = 1 << (d - 1).bit_length()
+    launches = ([(r, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8, 16) if r * block_d // w >= 32]
+                if dv == 1 else [(1, w) for w in (1, 2, 4, 8, 16)])
+    out = []
+    for launch in [None, *launches]:
+        try:
+            f_us = timed(lambda launch=launch: fk.forward(X, h, v, beta, 1e-5, launch), iters)
+            b_us = timed(lambda launch=launch: fk.backward(gout, X, h, v, beta, rnorm, pp, launch), iters)
+        except Exception as e:  # a launch the compiler refuses (too many registers): say so, go on
+            print(f"d_v={dv} launch {launch}: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        out.append({"d_v": dv, "launch": "default" if launch is None else f"rows={launch[0]} warps={launch[1]}",
+                    "fwd_us": f_us, "bwd_us": b_us, "fwd_tbs": fwd_bytes / f_us / 1e6,
+                    "bwd_tbs": bwd_bytes / b_us / 1e6, "fwd_mb": fwd_bytes / 1e6, "bwd_mb": bwd_bytes / 1e6})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--json")
+    args = p.parse_args()
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("bench/fused_kernels.py needs a CUDA device (or TRITON_INTERPRET=1 for a smoke run on CPU)")
+    n, d = args.tokens, args.d
+    rows_out = sweep(1, torch.float32, n, d, args.iters) + sweep(4, torch.bfloat16, n, d, args.iters)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter)"
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows_out:
+                f.write(json.dumps({**r, "tokens": n, "d": d, "device": name,
+                                    "torch": torch.__version__}) + "\n")
+    print(f"\n{name} torch {torch.__version__}, {n} tokens, d = {d}")
+    print(f"{'d_v':>3}  {'launch':<18}{'fwd us':>8}{'TB/s':>6}{'bwd us':>8}{'TB/s':>6}")
+    for r in rows_out:
+        print(f"{r['d_v']:>3}  {r['launch']:<18}{r['fwd_us']:>8.1f}{r['fwd_tbs']:>6.2f}"
+              f"{r['bwd_us']:>8.1f}{r['bwd_tbs']:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
