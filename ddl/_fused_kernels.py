@@ -113,6 +113,69 @@ def _bwd_tile_kernel(G, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, d, dv,
     tl.store(GBETA + row, tl.sum((v - p) * gk, axis=0))
 
 
+@triton.jit
+def _fwd_read_kernel(X, H, V, BETA, W, OUT, Y, RNORM, P, d, dv, eps2, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    # _fwd_tile_kernel, then the next readout of the new state: y[i] = sum_j W[i, j] out[i, j]
+    row = tl.program_id(0).to(tl.int64)
+    i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
+    i_ok, j_ok = i < d, j < dv
+    mask = i_ok[:, None] & j_ok[None, :]
+    offs = row * d * dv + i[:, None] * dv + j[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
+    v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
+    w = tl.load(W + i[:, None] * dv + j[None, :], mask=mask, other=0.0).to(tl.float32)
+    beta = tl.load(BETA + row).to(tl.float32)
+    rnorm = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) + eps2)
+    k = h * rnorm
+    p = tl.sum(k[:, None] * x, axis=0)
+    delta = beta * (v - p)
+    upd = (k[:, None] * delta[None, :]).to(OUT.dtype.element_ty).to(tl.float32)
+    out = (x + upd).to(OUT.dtype.element_ty)
+    tl.store(OUT + offs, out, mask=mask)
+    tl.store(Y + row * d + i, tl.sum(out.to(tl.float32) * w, axis=1).to(Y.dtype.element_ty), mask=i_ok)
+    tl.store(RNORM + row, rnorm)
+    tl.store(P + row * dv + j, p, mask=j_ok)
+
+
+@triton.jit
+def _bwd_read_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, GW, n, d, dv,
+                     BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    # tokens pid, pid + programs, ...: the readout's gradient g += gy W^T joins the update's, and each
+    # program sums its tokens' share of grad W = sum_t gy[t] out[t] (out recomputed, as forward rounded it)
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
+    i_ok, j_ok = i < d, j < dv
+    mask = i_ok[:, None] & j_ok[None, :]
+    tile = i[:, None] * dv + j[None, :]
+    w = tl.load(W + tile, mask=mask, other=0.0).to(tl.float32)
+    gw = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
+    for r in range(pid, n, programs):
+        row = tl.cast(r, tl.int64)
+        offs = row * d * dv + tile
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        gy = tl.load(GY + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) + gy[:, None] * w
+        h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
+        v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
+        p = tl.load(P + row * dv + j, mask=j_ok, other=0.0)
+        beta = tl.load(BETA + row).to(tl.float32)
+        rnorm = tl.load(RNORM + row)
+        k = h * rnorm
+        delta = beta * (v - p)
+        upd = (k[:, None] * delta[None, :]).to(GX.dtype.element_ty).to(tl.float32)
+        gw += gy[:, None] * (x + upd).to(GX.dtype.element_ty).to(tl.float32)
+        gk = tl.sum(g * k[:, None], axis=0)
+        a = beta * gk
+        grad_k = tl.sum(g * delta[None, :] - x * a[None, :], axis=1)
+        c = tl.sum(gk * (delta - beta * p), axis=0)
+        tl.store(GX + offs, (g - k[:, None] * a[None, :]).to(GX.dtype.element_ty), mask=mask)
+        tl.store(GH + row * d + i, (rnorm * (grad_k - c * k)).to(GH.dtype.element_ty), mask=i_ok)
+        tl.store(GV + row * dv + j, a, mask=j_ok)
+        tl.store(GBETA + row, tl.sum((v - p) * gk, axis=0))
+    tl.store(GW + pid.to(tl.int64) * d * dv + tile, gw, mask=mask)
+
+
 def _warps(elements: int) -> int:
     return min(max(elements // 256, 1), 16)
 
@@ -171,3 +234,38 @@ def backward(g: torch.Tensor, X: torch.Tensor, h: torch.Tensor, v: torch.Tensor,
         _bwd_tile_kernel[(n,)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, d, dv, BLOCK_D=block_d,
                                BLOCK_V=block_v, num_warps=num_warps)
     return gX, gh, gv, gbeta
+
+
+READ_PROGRAMS = 1024
+"""Programs of the folded backward; each sums its tokens' part of grad W into one (d, d_v) partial. A
+first guess (about 8 a streaming multiprocessor on an H100), untuned on hardware."""
+
+
+def forward_read(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, W: torch.Tensor, eps: float,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`forward` for d_v > 1, and y (n, d) like X's dtype: the readout sum_j W[i, j] out[i, j] of the
+    new state by W (d, d_v), contiguous."""
+    n, d, dv = X.shape
+    out, y = torch.empty_like(X), torch.empty(n, d, dtype=X.dtype, device=X.device)
+    rnorm = torch.empty(n, 1, dtype=torch.float32, device=X.device)
+    p = torch.empty(n, dv, dtype=torch.float32, device=X.device)
+    block_d, block_v, num_warps = _tile_launch(d, dv)
+    _fwd_read_kernel[(n,)](X, h, v, beta, W, out, y, rnorm, p, d, dv, eps * eps, BLOCK_D=block_d,
+                           BLOCK_V=block_v, num_warps=num_warps)
+    return out, y, rnorm, p
+
+
+def backward_read(g: torch.Tensor, gy: torch.Tensor, X: torch.Tensor, h: torch.Tensor, v: torch.Tensor,
+                  beta: torch.Tensor, W: torch.Tensor, rnorm: torch.Tensor, p: torch.Tensor,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`backward` with the readout's gradient gy (n, d) -> also grad W (d, d_v) fp32."""
+    n, d, dv = X.shape
+    gX, gh = torch.empty_like(X), torch.empty_like(h)
+    gv = torch.empty(n, dv, dtype=torch.float32, device=X.device)
+    gbeta = torch.empty(n, 1, dtype=torch.float32, device=X.device)
+    programs = max(1, min(n, READ_PROGRAMS))
+    gw = torch.empty(programs, d, dv, dtype=torch.float32, device=X.device)
+    block_d, block_v, num_warps = _tile_launch(d, dv)
+    _bwd_read_kernel[(programs,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, gw, n, d, dv,
+                                  BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps)
+    return gX, gh, gv, gbeta, gw.sum(0)

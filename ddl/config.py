@@ -73,7 +73,9 @@ class DDLConfig(BaseModel):
     elsewhere the PyTorch path runs unchanged. Off by default. On an H100 under torch.compile
     (small preset, tokens/s against the additive baseline; docs/PERFORMANCE.md):
     - d_v = 1: slower than inductor's own fusion of the unfused path, 0.80x against 0.89x;
-    - d_v = 4 CC: faster, 0.66x against 0.58x, and 4.5 GiB less peak memory."""
+    - d_v = 4 CC: faster, 0.66x against 0.58x, and 4.5 GiB less peak memory.
+    ``ddl.fused.FOLD_READOUT`` (experimental, off, not yet timed) folds each CC readout into the update
+    before it."""
 
     qk_norm: bool = True
     """Per-head learnable RMSNorm on q and k, applied after RoPE as in the official code."""

@@ -22,6 +22,7 @@ from torch import nn
 from ddl import fused
 from ddl.config import DDLConfig
 from ddl.layers import NarrowLinear
+from ddl.state import CCCompressor
 
 
 class BetaGate(nn.Module):
@@ -127,6 +128,22 @@ class DeltaResidual(nn.Module):
         if self.value_head == "code":
             return self.v_scale * torch.sigmoid(self.v_proj(u).float())
         return self.v_proj(c).float()
+
+    def update_and_read(self, X: torch.Tensor, h: torch.Tensor, c: torch.Tensor, u: torch.Tensor,
+                        read: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(X', read(X')) from one fused op, the next sublayer's CC readout folded into the update; or
+        None where the fold does not apply, and the caller runs ``self`` and ``read`` as modules.
+
+        It applies with ``fused.FOLD_READOUT`` (experimental, off by default) and ``cfg.fused_delta``, for
+        d_v > 1, geometry 'k_map', a CC compressor as ``read``, the fused op supported for X, and no
+        forward hook or pre-hook on this module, its ``k_dir`` or ``write``, or ``read``: whatever a
+        hook would see runs unfused, as ever."""
+        mods = (self, self.k_dir, self.write, read)
+        if not (fused.FOLD_READOUT and self.fused_delta and self.d_v > 1 and self.geometry == "k_map"
+                and isinstance(read, CCCompressor) and fused.supported(X, h)
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in mods)):
+            return None
+        return fused.delta_update_read(X, h, self._value(c, u), self.beta_gate(c), read.w_eff(), self.k_dir.eps)
 
     def _fuse(self, X: torch.Tensor, h: torch.Tensor) -> bool:
         """Whether this call takes the fused op (k_map): flag on, CUDA, taps unhooked."""

@@ -25,6 +25,10 @@ expanded state (..., d, d_v), with fake kernels, so ``torch.compile(fullgraph=Tr
 one node. They run the Triton kernels on CUDA (or on CPU tensors under TRITON_INTERPRET=1) and the
 same formulas in PyTorch elsewhere, so the op and its hand-written backward are checked on machines
 without triton. Triton is imported on the first launch only: ``import ddl.fused`` works without it.
+
+``delta_update_read`` (d_v > 1, experimental, behind ``FOLD_READOUT``) also returns the next sublayer's
+CC readout y = sum_j W[:, j] out[:, j] of its result; its backward takes y's gradient gy, adds gy W^T to
+the state's gradient in registers, and sums grad W = sum_t gy_t out_t (out recomputed) per program.
 """
 
 from __future__ import annotations
@@ -116,21 +120,27 @@ def _op_backward(g: Tensor, X: Tensor, h: Tensor, v: Tensor, beta: Tensor, rnorm
     """-> (grad_X, grad_h, grad_v, grad_beta) in the dtypes of X, h, v, beta (the last two fp32)."""
     d, dv = X.shape[-2:]
     if X.numel() == 0 or not _use_triton(X):
-        g32, x32 = g.float(), X.float()
-        k = h.float() * rnorm  # (..., d)
-        gk = (g32 * k.unsqueeze(-1)).sum(-2)  # (..., d_v)
-        delta = beta * (v - p)
-        a = beta * gk
-        grad_k = (g32 * delta.unsqueeze(-2) - x32 * a.unsqueeze(-2)).sum(-1)
-        grad_h = rnorm * (grad_k - (gk * (delta - beta * p)).sum(-1, keepdim=True) * k)
-        grad_X = g32 - k.unsqueeze(-1) * a.unsqueeze(-2)
-        return (grad_X.to(X.dtype).contiguous(), grad_h.to(h.dtype).contiguous(), a,
-                ((v - p) * gk).sum(-1, keepdim=True))
+        return _backward_torch(g.float(), X, h, v, beta, rnorm, p)
     from ddl import _fused_kernels
 
     gX, gh, gv, gbeta = _fused_kernels.backward(_rows(g, d, dv), _rows(X, d, dv), _rows(h, d), _rows(v, dv),
                                                 _rows(beta, 1), _rows(rnorm, 1), _rows(p, dv))
     return gX.view(X.shape), gh.view(h.shape), gv.view(v.shape), gbeta.view(beta.shape)
+
+
+def _backward_torch(g32: Tensor, X: Tensor, h: Tensor, v: Tensor, beta: Tensor, rnorm: Tensor,
+                    p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward formulas in PyTorch, from an fp32 upstream gradient g32 like X."""
+    x32 = X.float()
+    k = h.float() * rnorm  # (..., d)
+    gk = (g32 * k.unsqueeze(-1)).sum(-2)  # (..., d_v)
+    delta = beta * (v - p)
+    a = beta * gk
+    grad_k = (g32 * delta.unsqueeze(-2) - x32 * a.unsqueeze(-2)).sum(-1)
+    grad_h = rnorm * (grad_k - (gk * (delta - beta * p)).sum(-1, keepdim=True) * k)
+    grad_X = g32 - k.unsqueeze(-1) * a.unsqueeze(-2)
+    return (grad_X.to(X.dtype).contiguous(), grad_h.to(h.dtype).contiguous(), a,
+            ((v - p) * gk).sum(-1, keepdim=True))
 
 
 @_op_backward.register_fake
@@ -152,3 +162,95 @@ def _backward(ctx, grad_out, _grad_rnorm, _grad_p):
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- the update with the next readout folded in (d_v > 1, a CC compressor next) ----------------------
+FOLD_READOUT = False
+"""Experimental, off until measured on a GPU: with ``fused_delta`` and a CC compressor, each update also
+computes the next sublayer's readout (``DeltaResidual.update_and_read``), so the readout reads no state
+of its own, forward or backward. ``bench/throughput_profile.py`` times it with the ``:fold`` variant
+suffix, e.g. ``ddl_dv4_fused:fold``."""
+
+
+def delta_update_read_reference(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
+                                eps: float) -> tuple[Tensor, Tensor]:
+    """The unfused path: the update, then ``CCCompressor``'s readout of its result by W_eff (d, d_v)."""
+    out = delta_update_reference(X, h, v, beta, eps)
+    return out, (out * W.to(X.dtype)).sum(-1)
+
+
+def delta_update_read(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The fused op on a (..., d, d_v) state, and the next sublayer's readout of its result in the same
+    kernel: (out, y) with y[..., i] = sum_j W[i, j] out[..., i, j] in X's dtype, as
+    :func:`delta_update_read_reference`. The readout then reads no state of its own, forward or backward:
+    the backward kernel adds y's gradient to the state's and sums W's gradient as it goes."""
+    lead = h.shape[:-1]
+    v, beta = v.float().expand(*lead, X.shape[-1]), beta.float().expand(*lead, 1)
+    out, y, _, _ = torch.ops.deltascope.delta_update_read(X, h, v, beta, W.to(X.dtype), eps)
+    return out, y
+
+
+@torch.library.custom_op("deltascope::delta_update_read", mutates_args=())
+def _op_read(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
+             eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """X (..., d, d_v), h (..., d), v (..., d_v), beta (..., 1) fp32, W (d, d_v) like X -> (out like X,
+    y (..., d) like X, rnorm (..., 1), p (..., d_v)); the last two fp32, kept for backward."""
+    d, dv = X.shape[-2:]
+    if X.numel() == 0 or not _use_triton(X):
+        out, rnorm, p = _op(X, h, v, beta, eps)
+        return out, (out.float() * W.float()).sum(-1).to(X.dtype), rnorm, p
+    from ddl import _fused_kernels
+
+    out, y, rnorm, p = _fused_kernels.forward_read(_rows(X, d, dv), _rows(h, d), _rows(v, dv), _rows(beta, 1),
+                                                   W.contiguous(), eps)
+    return out.view(X.shape), y.view(h.shape), rnorm.view(beta.shape), p.view(v.shape)
+
+
+@_op_read.register_fake
+def _(X, h, v, beta, W, eps):
+    return X.new_empty(X.shape), X.new_empty(h.shape), beta.new_empty(beta.shape), v.new_empty(v.shape)
+
+
+@torch.library.custom_op("deltascope::delta_update_read_backward", mutates_args=())
+def _op_read_backward(g: Tensor, gy: Tensor, X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
+                      rnorm: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (grad_X, grad_h, grad_v, grad_beta, grad_W), each in its input's dtype (v, beta fp32)."""
+    d, dv = X.shape[-2:]
+    if X.numel() == 0 or not _use_triton(X):
+        w32 = W.float()
+        gX, gh, gv, gbeta = _backward_torch(g.float() + gy.float().unsqueeze(-1) * w32, X, h, v, beta, rnorm, p)
+        k = (h.float() * rnorm).unsqueeze(-1)
+        out = (X.float() + (k * (beta * (v - p)).unsqueeze(-2)).to(X.dtype).float()).to(X.dtype)
+        gW = (gy.float().unsqueeze(-1) * out.float()).reshape(-1, d, dv).sum(0)
+        return gX, gh, gv, gbeta, gW.to(W.dtype)
+    from ddl import _fused_kernels
+
+    gX, gh, gv, gbeta, gW = _fused_kernels.backward_read(
+        _rows(g, d, dv), _rows(gy, d), _rows(X, d, dv), _rows(h, d), _rows(v, dv), _rows(beta, 1), W.contiguous(),
+        _rows(rnorm, 1), _rows(p, dv))
+    return gX.view(X.shape), gh.view(h.shape), gv.view(v.shape), gbeta.view(beta.shape), gW.to(W.dtype)
+
+
+@_op_read_backward.register_fake
+def _(g, gy, X, h, v, beta, W, rnorm, p):
+    return (X.new_empty(X.shape), h.new_empty(h.shape), v.new_empty(v.shape), beta.new_empty(beta.shape),
+            W.new_empty(W.shape))
+
+
+def _setup_read(ctx, inputs, output):
+    X, h, v, beta, W, eps = inputs
+    _, _, rnorm, p = output
+    ctx.mark_non_differentiable(rnorm, p)
+    ctx.save_for_backward(X, h, v, beta, W, rnorm, p)
+
+
+def _backward_read(ctx, grad_out, grad_y, _grad_rnorm, _grad_p):
+    X, h, v, beta, W, rnorm, p = ctx.saved_tensors
+    grad_out = torch.zeros_like(X) if grad_out is None else grad_out
+    grad_y = torch.zeros_like(h, dtype=X.dtype) if grad_y is None else grad_y
+    gX, gh, gv, gbeta, gW = torch.ops.deltascope.delta_update_read_backward(grad_out, grad_y, X, h, v, beta, W,
+                                                                             rnorm, p)
+    return gX, gh, gv, gbeta, gW, None
+
+
+_op_read.register_autograd(_backward_read, setup_context=_setup_read)

@@ -37,16 +37,32 @@ class Block(nn.Module):
             self.mlp_delta = DeltaResidual(cfg, "mlp", layer)
         self.compress = make_compressor(cfg) if cfg.d_v > 1 else None
 
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
+    def forward(self, X: torch.Tensor, x_in: torch.Tensor | None = None,
+                read_next: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """X -> (X', read_next(X')), or (X', X') without a reader (d_v = 1, additive).
+
+        x_in: this block's first readout of X, when the previous block's last update already made
+        it; read_next: the compressor that reads this block's output (the next block's, or the
+        model's readout). With ``fused_delta`` an update may fold that read into its kernel."""
         if not self.delta:
             X = X + self.attn(self.ln_1(X))
-            return X + self.mlp(self.ln_2(X))
-        x_in = self.compress(X) if self.compress is not None else X  # (B, T, d)
+            X = X + self.mlp(self.ln_2(X))
+            return X, X
+        if x_in is None:
+            x_in = self.compress(X) if self.compress is not None else X  # (B, T, d)
         c = self.ln_1(x_in)
-        X = self.attn_delta(X, self.attn(c), c, x_in)
-        x_in = self.compress(X) if self.compress is not None else X
+        X, x_in = self._site(self.attn_delta, X, self.attn(c), c, x_in, self.compress)
         c = self.ln_2(x_in)
-        return self.mlp_delta(X, self.mlp(c), c, x_in)
+        return self._site(self.mlp_delta, X, self.mlp(c), c, x_in, read_next)
+
+    @staticmethod
+    def _site(site: DeltaResidual, X: torch.Tensor, h: torch.Tensor, c: torch.Tensor, u: torch.Tensor,
+              read: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One delta residual, then the readout of its result by ``read`` (X itself without one)."""
+        if read is not None and (folded := site.update_and_read(X, h, c, u, read)) is not None:
+            return folded
+        X = site(X, h, c, u)
+        return X, (read(X) if read is not None else X)
 
 
 class DDLModel(nn.Module):
@@ -86,9 +102,11 @@ class DDLModel(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds block_size={self.cfg.block_size}")
         x = self.wte(idx)  # (B, T, d)
         X = self.expand(x) if self.expand is not None else x  # (B, T, d) or (B, T, d, d_v)
-        for block in self.blocks:
-            X = block(X)
-        x = self.readout(X) if self.readout is not None else X  # (B, T, d)
+        x = None  # each block hands the next its first readout, and the last block the model's
+        for i, block in enumerate(self.blocks):
+            read_next = self.blocks[i + 1].compress if i + 1 < len(self.blocks) else self.readout
+            X, x = block(X, x, read_next)  # (B, T, d): the readout of X, or X for d_v = 1
+
         logits = self.lm_head(self.ln_f(x)).float()  # (B, T, V)
         loss = None
         if targets is not None:

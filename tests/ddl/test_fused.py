@@ -241,14 +241,15 @@ def test_flag_on_cpu_trains_bit_for_bit_as_off():
 
 
 class OpCalls(TorchDispatchMode):
-    """Counts the fused forward op's calls."""
+    """Counts the fused forward ops' calls: ``n`` both, ``folded`` the update with the readout folded in."""
 
     def __init__(self):
         super().__init__()
-        self.n = 0
+        self.n = self.folded = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func is torch.ops.deltascope.delta_update.default
+        self.folded += func is torch.ops.deltascope.delta_update_read.default
+        self.n += func in (torch.ops.deltascope.delta_update.default, torch.ops.deltascope.delta_update_read.default)
         return func(*args, **(kwargs or {}))
 
 
@@ -265,6 +266,7 @@ def test_fused_model_step_matches_unfused(impl, monkeypatch, kw):
     with OpCalls() as calls:
         twin(idx)
     assert calls.n == 2 * SMALL["n_layer"]
+    assert calls.folded == 0  # the fold is off by default: test_folded_model_step_matches_unfused
     # grads, not the stepped weights: Adam's first step is lr * g / |g|, ill-conditioned where g ~ 0
     (la, ga, _), (lb, gb, _) = train_step(plain), train_step(twin)
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
@@ -288,7 +290,8 @@ def test_hooked_taps_keep_the_unfused_path(monkeypatch, tap, kind):
 
 
 def op_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    names = ("deltascope.delta_update", "deltascope.delta_update.default")
+    names = ("deltascope.delta_update", "deltascope.delta_update.default", "deltascope.delta_update_read",
+             "deltascope.delta_update_read.default")
     return [n for n in gm.graph.nodes if str(n.target) in names]
 
 
@@ -343,9 +346,9 @@ def test_cuda_opcheck(d_v, x_dtype, h_dtype):
 @cuda_kernels
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
-@pytest.mark.parametrize("d_v", [1, 4])
+@pytest.mark.parametrize(("d_v", "fold"), [(1, False), (4, False), (4, True)], ids=["dv1", "dv4", "dv4-fold"])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
-def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp, d_v):
+def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp, d_v, fold):
     """Inductor keeps the op, one graph; loss and grads match the unfused model.
 
     fp32 (TF32 off): against the eager model; the two differ only by fp32 rounding orders, 1e-4
@@ -354,6 +357,7 @@ def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp, d_v):
     5.5% from eager's on the H100); 2e-2 on the loss and 5e-2 on each grad's norm of difference,
     relative to its norm, leave room for the op's own bf16 roundings."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(fused, "FOLD_READOUT", fold)
     torch._dynamo.reset()
     plain, twin = (m.cuda() for m in models(block_size=64, d_v=d_v))
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
@@ -387,7 +391,30 @@ def test_cuda_model_takes_the_fused_op(d_v):
     twin = twin.cuda()
     with OpCalls() as calls:
         twin(torch.randint(0, 97, (2, 16), device="cuda"))
-    assert calls.n == 2 * SMALL["n_layer"]
+    assert calls.n == 2 * SMALL["n_layer"] and calls.folded == 0
+
+
+@pytest.mark.gpu
+@cuda_kernels
+@pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:3], ids=dtype_ids[:3])
+def test_cuda_folded_readout_matches_float64(monkeypatch, x_dtype, h_dtype):
+    """The small model's shape, d = 768 and d_v = 4, over more tokens than the backward has programs."""
+    from ddl import _fused_kernels
+
+    monkeypatch.setattr(_fused_kernels, "READ_PROGRAMS", 37)
+    t, g = inputs((3, 50), 768, 4, x_dtype, h_dtype, device="cuda")
+    W = torch.randn(768, 4, device="cuda").requires_grad_()
+    gy = torch.randn(3, 50, 768, device="cuda").to(x_dtype)
+    out, y = fused.delta_update_read(t["X"], t["h"], t["v"], t["beta"], W, EPS)
+    grads = torch.autograd.grad((out, y), [*t.values(), W], (g, gy))
+    ref = [x.detach().double().requires_grad_() for x in (*t.values(), W)]
+    Wr = ref[-1].to(x_dtype).double()
+    want_out = naive64(*ref[:4])
+    want = torch.autograd.grad((want_out, (want_out * Wr).sum(-1)), ref, (g.double(), gy.double()))
+    assert_near(out, want_out, TOL[x_dtype], "out")
+    assert_near(y, (out.double() * Wr).sum(-1), TOL[x_dtype], "y")
+    for n, a, b, leaf in zip(["X", "h", "v", "beta", "W"], grads, want, [*t.values(), W], strict=True):
+        assert_near(a, b, TOL[x_dtype if n == "W" else leaf.dtype], f"grad_{n}")
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
@@ -429,3 +456,97 @@ def test_kernel_benchmark_runs_under_the_interpreter(tmp_path):
     assert {r["d_v"] for r in rows} == {1, 4}
     assert all(r["fwd_us"] > 0 and r["bwd_us"] > 0 and r["fwd_mb"] > 0 for r in rows)
     assert "d_v  launch" in res.stdout
+
+
+# -- the update with the next CC readout folded in (d_v > 1) ----------------------------------------
+@pytest.mark.parametrize("d_v", [4, 3])
+@pytest.mark.parametrize("d", [16, 13])
+@pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:3], ids=dtype_ids[:3])
+def test_folded_readout_matches_float64(impl, d, d_v, x_dtype, h_dtype):
+    """out, y = W-readout of out, and the grads of X, h, v, beta and W, against float64 autograd."""
+    tol = TOL_INTERPRETED if impl == "triton" else TOL
+    t, g = inputs((2, 5), d, d_v, x_dtype, h_dtype)
+    gen = torch.Generator().manual_seed(7)
+    t["W"] = torch.randn(d, d_v, generator=gen).requires_grad_()
+    gy = torch.randn(2, 5, d, generator=gen).to(x_dtype)
+    out, y = fused.delta_update_read(t["X"], t["h"], t["v"], t["beta"], t["W"], EPS)
+    got = dict(zip(t, torch.autograd.grad((out, y), list(t.values()), (g, gy)), strict=True))
+    ref = {n: x.detach().double().requires_grad_() for n, x in t.items()}
+    Wr = ref["W"].to(x_dtype).double()  # the op reads W in X's dtype, as CCCompressor does
+    want_out = naive64(ref["X"], ref["h"], ref["v"], ref["beta"])
+    want = dict(zip(ref, torch.autograd.grad((want_out, (want_out * Wr).sum(-1)), list(ref.values()),
+                                             (g.double(), gy.double())), strict=True))
+    assert out.dtype == y.dtype == x_dtype and y.shape == t["h"].shape
+    assert_near(out, want_out, tol[x_dtype], "out")
+    assert_near(y, (out.double() * Wr).sum(-1), tol[x_dtype], "y")  # y reads the rounded out
+    for n in t:
+        assert got[n].dtype == t[n].dtype and got[n].shape == t[n].shape
+        assert_near(got[n], want[n], tol[x_dtype if n == "W" else t[n].dtype], f"grad_{n}")
+
+
+def test_folded_readout_opcheck(impl):
+    t, _ = inputs((3, 4), 13, 4, torch.bfloat16, torch.float32)
+    W = torch.randn(13, 4).to(torch.bfloat16).requires_grad_()
+    torch.library.opcheck(torch.ops.deltascope.delta_update_read.default,
+                          (t["X"], t["h"], t["v"], t["beta"], W, EPS))
+
+
+@pytest.mark.parametrize("hooked", ["compress", "readout", "mlp_delta"])
+def test_a_hooked_reader_or_site_keeps_its_fold_off(monkeypatch, hooked):
+    """A hook on a compressor sees every readout it makes; a hook on a site sees its forward."""
+    monkeypatch.setattr(fused, "supported", lambda X, h: True)
+    monkeypatch.setattr(fused, "FOLD_READOUT", True)
+    plain, twin = models(d_v=4)
+    mod = {"compress": twin.blocks[1].compress, "readout": twin.readout, "mlp_delta": twin.blocks[0].mlp_delta}[hooked]
+    seen_twin, seen_plain = [], []
+    mod.register_forward_hook(lambda m, a, o: seen_twin.append(o.detach()))
+    ref = {"compress": plain.blocks[1].compress, "readout": plain.readout, "mlp_delta": plain.blocks[0].mlp_delta}
+    ref[hooked].register_forward_hook(lambda m, a, o: seen_plain.append(o.detach()))
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    with OpCalls() as calls:
+        twin(idx)
+    plain(idx)
+    assert len(seen_twin) == len(seen_plain) >= 1
+    for a, b in zip(seen_twin, seen_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the sites that write what a hooked reader reads unfold: block 1's compress reads block 0's mlp
+    # site and block 1's attn site; the readout reads the last site; a hooked site unfolds alone
+    unfolded = 2 if hooked == "compress" else 1
+    assert calls.n == 2 * SMALL["n_layer"] and calls.folded == 2 * SMALL["n_layer"] - unfolded
+
+
+@pytest.mark.parametrize("programs", [1, 3, 1024])
+def test_folded_backward_sums_across_programs(impl, monkeypatch, programs):
+    """Each backward program strides over tokens and sums its share of grad W; any count gives one sum."""
+    if impl == "triton":
+        from ddl import _fused_kernels
+
+        monkeypatch.setattr(_fused_kernels, "READ_PROGRAMS", programs)
+    t, g = inputs((2, 7), 13, 4)
+    W = torch.randn(13, 4, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    out, y = fused.delta_update_read(t["X"], t["h"], t["v"], t["beta"], W, EPS)
+    gy = torch.ones_like(y)
+    got = torch.autograd.grad((out, y), [*t.values(), W], (g, gy))
+    ref = [x.detach().double().requires_grad_() for x in (*t.values(), W)]
+    want_out = naive64(*ref[:4])
+    want = torch.autograd.grad((want_out, (want_out * ref[-1]).sum(-1)), ref, (g.double(), gy.double()))
+    for n, a, b in zip(["X", "h", "v", "beta", "W"], got, want, strict=True):
+        assert_near(a, b, 1e-5, f"grad_{n}")
+
+
+@pytest.mark.parametrize("kw", MODEL_VARIANTS, ids=model_ids)
+def test_folded_model_step_matches_unfused(impl, monkeypatch, kw):
+    """With FOLD_READOUT, every site whose reader is a CC compressor folds, and the step still matches."""
+    monkeypatch.setattr(fused, "supported", lambda X, h: True)
+    monkeypatch.setattr(fused, "FOLD_READOUT", True)
+    plain, twin = models(**kw)
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    with OpCalls() as calls:
+        twin(idx)
+    assert calls.n == 2 * SMALL["n_layer"]
+    assert calls.folded == (calls.n if kw.get("d_v", 1) > 1 and kw.get("compressor", "cc") == "cc" else 0)
+    (la, ga, _), (lb, gb, _) = train_step(plain), train_step(twin)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
