@@ -15,7 +15,7 @@ if [[ $what == throughput || $what == all ]]; then
 fi
 if [[ $what == kernels || $what == all ]]; then
   python3 bench/fused_kernels.py --json "$OUT/fused-kernels.jsonl"
-  python3 bench/throughput_profile.py --compile --variants additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_cc_ec --out "$OUT"
+  python3 bench/throughput_profile.py --compile --variants additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_fused:fold --out "$OUT"
 fi
 if [[ $what == overhead || $what == all ]]; then
   python3 bench/probe_overhead.py --preset small --batch 16 --seq 1024 --json "$OUT/overhead.jsonl"

@@ -11,19 +11,26 @@ runs step i (a loop that reads its loss every few steps, as ``deltascope train``
 the two in turn and prints both.
 
     python bench/throughput.py --preset small --batch 16 --seq 1024 --steps 30 [--compile] [--sync both]
+
+A variant name may carry a suffix that flips a code path for it alone, for an A/B in one process:
+``:gemv`` runs ``NarrowLinear`` as a plain ``nn.Linear`` (the gate and value heads as GEMV launches,
+as before they were written as reductions); ``:fold`` sets ``ddl.fused.FOLD_READOUT`` (each fused
+update also makes the next CC readout), e.g. ``ddl_dv4_fused:fold``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
 
 import torch
+from torch import nn
 
-from ddl import DDLModel, fused, presets, with_overrides
+from ddl import DDLModel, fused, layers, presets, with_overrides
 
 VARIANTS = {
     "additive": {"residual": "additive"},
@@ -32,6 +39,34 @@ VARIANTS = {
     "ddl_dv4_cc_ec": {"d_v": 4, "compressor": "cc", "expansion": "ec"},
     "ddl_dv4_fused": {"d_v": 4, "compressor": "cc", "expansion": "ec", "fused_delta": True},  # ddl_dv4_cc_ec, fused
 }
+
+
+SUFFIXES = ("gemv", "fold")
+
+
+def config_of(name: str) -> dict:
+    """The config overrides of a variant name, suffix or not; exits with the choices on a bad name."""
+    base, _, suffix = name.partition(":")
+    if base not in VARIANTS or suffix not in ("", *SUFFIXES):
+        sys.exit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}, optionally with "
+                 f"{' or '.join(':' + x for x in SUFFIXES)}")
+    return VARIANTS[base]
+
+
+@contextlib.contextmanager
+def switched(name: str):
+    """The code path a variant's suffix asks for, while the block runs; dynamo reset after it, since it
+    guards on neither switch and would reuse this variant's graphs for the next."""
+    suffix = name.partition(":")[2]
+    forward, fold = layers.NarrowLinear.forward, fused.FOLD_READOUT
+    if suffix == "gemv":
+        layers.NarrowLinear.forward = nn.Linear.forward
+    fused.FOLD_READOUT = suffix == "fold"
+    try:
+        yield
+    finally:
+        layers.NarrowLinear.forward, fused.FOLD_READOUT = forward, fold
+        torch._dynamo.reset()
 
 
 def step_fn(model, opt, amp_dtype):
@@ -76,7 +111,6 @@ def measure(name: str, overrides: dict, args) -> dict:
                     f"spread_ms{key}": (max(times) - min(times)) * 1e3})
     res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, net, step
-    torch._dynamo.reset()  # the next variant compiles afresh, never reusing this one's graphs
     torch.cuda.empty_cache()
     return res
 
@@ -119,7 +153,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/throughput.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
-    rows = [measure(n, VARIANTS[n], args) for n in args.variants.split(",")]
+    rows = []
+    for name in args.variants.split(","):
+        overrides = config_of(name)
+        with switched(name):
+            rows.append(measure(name, overrides, args))
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

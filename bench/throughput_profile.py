@@ -7,8 +7,7 @@ DDL costs, and in what.
 
     python bench/throughput_profile.py --compile --variants additive,ddl_dv1,ddl_dv4_fused [--out DIR]
 
-A variant name followed by ``:gemv`` runs with ``NarrowLinear`` as a plain ``nn.Linear`` (the gate and
-value heads as GEMV launches, as before they were written as reductions), for an A/B in one process.
+Variant names take bench/throughput.py's suffixes (``:gemv``, ``:fold``) for an A/B in one process.
 """
 
 from __future__ import annotations
@@ -21,11 +20,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from throughput import VARIANTS, step_fn  # bench/ is sys.path[0] when run as a script
-from torch import nn
+from throughput import config_of, step_fn, switched  # bench/ is sys.path[0] when run as a script
 from torch.profiler import ProfilerActivity, profile
 
-from ddl import DDLModel, layers, presets, with_overrides
+from ddl import DDLModel, presets, with_overrides
 
 GROUPS = (  # first match wins; lower-case substrings of the kernel name
     ("ddl.fused", ("_fwd_kernel", "_bwd_kernel", "_fwd_tile", "_bwd_tile")),
@@ -44,13 +42,9 @@ def group(name: str) -> str:
 
 
 def measure(name: str, args) -> dict:
-    base, _, mod = name.partition(":")
-    forward = layers.NarrowLinear.forward
-    if mod == "gemv":
-        layers.NarrowLinear.forward = nn.Linear.forward
-    try:
+    with switched(name):
         torch.manual_seed(0)
-        cfg = with_overrides(presets[args.preset], **VARIANTS[base], block_size=args.seq)
+        cfg = with_overrides(presets[args.preset], **config_of(name), block_size=args.seq)
         model = DDLModel(cfg).cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         net = torch.compile(model) if args.compile else model
@@ -82,14 +76,13 @@ def measure(name: str, args) -> dict:
         for k, (ms, _) in kern.items():
             groups[group(k)] += ms
         top = sorted(((ms, calls, k) for k, (ms, calls) in kern.items()), reverse=True)
-        return {"variant": name, "step_ms": statistics.median(times), "kernel_ms": sum(groups.values()),
-                "launches": sum(c for _, c in kern.values()), "groups": dict(groups),
-                "top": [{"ms": ms, "calls": c, "kernel": k[:160]} for ms, c, k in top],
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    finally:
-        layers.NarrowLinear.forward = forward
-        torch._dynamo.reset()  # dynamo would reuse the last variant's graphs: it does not guard on forward
-        torch.cuda.empty_cache()
+        res = {"variant": name, "step_ms": statistics.median(times), "kernel_ms": sum(groups.values()),
+               "launches": sum(c for _, c in kern.values()), "groups": dict(groups),
+               "top": [{"ms": ms, "calls": c, "kernel": k[:160]} for ms, c, k in top],
+               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        del model, opt, net, step
+    torch.cuda.empty_cache()
+    return res
 
 
 def main() -> None:
@@ -110,8 +103,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for name in args.variants.split(","):
-        if name.partition(":")[0] not in VARIANTS:
-            sys.exit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)} (optionally with ':gemv')")
+        config_of(name)  # a bad name exits before any compile
         r = measure(name, args)
         rows.append(r)
         lines = [f"== {name}: step {r['step_ms']:.2f} ms, kernels {r['kernel_ms']:.2f} ms/step, "

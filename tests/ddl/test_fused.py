@@ -550,3 +550,26 @@ def test_folded_model_step_matches_unfused(impl, monkeypatch, kw):
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
+
+def test_benchmark_variant_switches_flip_the_code_path_and_restore_it(monkeypatch):
+    """bench/throughput.py's ':gemv' and ':fold' suffixes: the switch holds inside the block only."""
+    import sys
+    from pathlib import Path
+
+    from ddl import layers
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
+    monkeypatch.delitem(sys.modules, "throughput", raising=False)
+    import throughput
+
+    assert throughput.config_of("ddl_dv4_fused:fold") == throughput.VARIANTS["ddl_dv4_fused"]
+    with throughput.switched("ddl_dv4_fused:fold"):
+        assert fused.FOLD_READOUT is True
+    assert fused.FOLD_READOUT is False
+    with throughput.switched("ddl_dv1:gemv"):
+        assert layers.NarrowLinear.forward is torch.nn.Linear.forward
+    assert layers.NarrowLinear.forward is not torch.nn.Linear.forward
+    with pytest.raises(SystemExit, match="unknown variant 'ddl_dv4_fused:fast'"):
+        throughput.config_of("ddl_dv4_fused:fast")
+    with pytest.raises(SystemExit, match="choose from additive"):
+        throughput.config_of("ddl_dv9")
