@@ -1,7 +1,7 @@
 """The fused delta update's Triton kernels alone: time, bandwidth, and a sweep of their launch shape.
 
 For each state shape (d_v = 1: fp32 state, as a compiled d_v = 1 model carries it; d_v = 4: bf16, as EC
-makes it) and each launch (rows a program for d_v = 1, warps), the median of CUDA-event timed calls of
+makes it) and each launch (rows a program, warps), the median of CUDA-event timed calls of
 the forward and the backward kernel, the bytes each must move (inputs read once, outputs written once)
 and the bandwidth that implies. The bytes over the device's bandwidth are the kernels' floor.
 
@@ -53,7 +53,7 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int) -> list[dict]:
     fwd_bytes, bwd_bytes = 2 * xb + hb + small, 3 * xb + 2 * hb + 2 * small
     block_d = 1 << (d - 1).bit_length()
     launches = ([(r, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8, 16) if r * block_d // w >= 32]
-                if dv == 1 else [(1, w) for w in (1, 2, 4, 8, 16)])
+                if dv == 1 else [(r, w) for r in (1, 2, 4, 8) for w in (2, 4, 8, 16)])
     out = []
     for launch in [None, *launches]:
         try:
@@ -86,10 +86,10 @@ def main() -> None:
                 f.write(json.dumps({**r, "tokens": n, "d": d, "device": name,
                                     "torch": torch.__version__}) + "\n")
     print(f"\n{name} torch {torch.__version__}, {n} tokens, d = {d}")
-    print(f"{'d_v':>3}  {'launch':<18}{'fwd us':>8}{'TB/s':>6}{'bwd us':>8}{'TB/s':>6}")
+    print(f"{'d_v':>3}  {'launch':<18}{'fwd us':>9}{'TB/s':>7}{'bwd us':>9}{'TB/s':>7}")
     for r in rows_out:
-        print(f"{r['d_v']:>3}  {r['launch']:<18}{r['fwd_us']:>8.1f}{r['fwd_tbs']:>6.2f}"
-              f"{r['bwd_us']:>8.1f}{r['bwd_tbs']:>6.2f}")
+        print(f"{r['d_v']:>3}  {r['launch']:<18}{r['fwd_us']:>9.1f}{r['fwd_tbs']:>7.2f}"
+              f"{r['bwd_us']:>9.1f}{r['bwd_tbs']:>7.2f}")
 
 
 if __name__ == "__main__":

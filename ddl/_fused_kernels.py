@@ -2,10 +2,12 @@
 
 Rows are tokens; a row's state is d x d_v, d_v innermost. d_v = 1 (``_fwd_kernel``): one program owns
 ``ROWS`` whole rows (``BLOCK_D`` = next power of two >= d, masked). d_v > 1 (``_fwd_tile_kernel``):
-one program owns one row's (d, d_v) tile. Either way every row reduction stays in registers: each
-kernel reads its inputs once and writes its outputs once. Math and the backward derivation: ``ddl.fused``.
-Only long-stable Triton APIs (program_id, arange, masked load/store, sum, sqrt): the GPU
-machine runs the Triton bundled with its torch, older than the one the CPU interpreter tests use.
+a row's (d, d_v) tile at a time, each program striding over rows (one row a program by default); with
+``READ`` they also make, or take the gradient of, the next CC readout. Either way every row reduction
+stays in registers: each kernel reads its inputs once and writes its outputs once. Math and the
+backward derivation: ``ddl.fused``. Only long-stable Triton APIs (program_id, arange, masked
+load/store, sum, sqrt, loops, constexpr branches): the GPU machine runs the Triton bundled with its
+torch, older than the one the CPU interpreter tests use.
 """
 
 from __future__ import annotations
@@ -65,97 +67,55 @@ def _bwd_kernel(G, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, n_rows, d,
 
 
 @triton.jit
-def _fwd_tile_kernel(X, H, V, BETA, OUT, RNORM, P, d, dv, eps2, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
-    # d_v > 1: one token a program, its state a (d, d_v) tile, d_v innermost
-    row = tl.program_id(0).to(tl.int64)
-    i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
-    i_ok, j_ok = i < d, j < dv
-    mask = i_ok[:, None] & j_ok[None, :]
-    offs = row * d * dv + i[:, None] * dv + j[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_V)
-    h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
-    v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
-    beta = tl.load(BETA + row).to(tl.float32)
-    rnorm = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) + eps2)
-    k = h * rnorm
-    p = tl.sum(k[:, None] * x, axis=0)  # (BLOCK_V,)
-    delta = beta * (v - p)
-    upd = (k[:, None] * delta[None, :]).to(OUT.dtype.element_ty).to(tl.float32)
-    tl.store(OUT + offs, (x + upd).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(RNORM + row, rnorm)
-    tl.store(P + row * dv + j, p, mask=j_ok)
-
-
-@triton.jit
-def _bwd_tile_kernel(G, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, d, dv,
-                     BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
-    i_ok, j_ok = i < d, j < dv
-    mask = i_ok[:, None] & j_ok[None, :]
-    offs = row * d * dv + i[:, None] * dv + j[None, :]
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
-    v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
-    p = tl.load(P + row * dv + j, mask=j_ok, other=0.0)
-    beta = tl.load(BETA + row).to(tl.float32)
-    rnorm = tl.load(RNORM + row)
-    k = h * rnorm
-    gk = tl.sum(g * k[:, None], axis=0)  # k^T g, (BLOCK_V,)
-    delta = beta * (v - p)
-    a = beta * gk
-    grad_k = tl.sum(g * delta[None, :] - x * a[None, :], axis=1)  # (BLOCK_D,)
-    c = tl.sum(gk * (delta - beta * p), axis=0)  # k.grad_k in closed form; masked lanes add 0
-    tl.store(GX + offs, (g - k[:, None] * a[None, :]).to(GX.dtype.element_ty), mask=mask)
-    tl.store(GH + row * d + i, (rnorm * (grad_k - c * k)).to(GH.dtype.element_ty), mask=i_ok)
-    tl.store(GV + row * dv + j, a, mask=j_ok)
-    tl.store(GBETA + row, tl.sum((v - p) * gk, axis=0))
-
-
-@triton.jit
-def _fwd_read_kernel(X, H, V, BETA, W, OUT, Y, RNORM, P, d, dv, eps2, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
-    # _fwd_tile_kernel, then the next readout of the new state: y[i] = sum_j W[i, j] out[i, j]
-    row = tl.program_id(0).to(tl.int64)
-    i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
-    i_ok, j_ok = i < d, j < dv
-    mask = i_ok[:, None] & j_ok[None, :]
-    offs = row * d * dv + i[:, None] * dv + j[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
-    v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
-    w = tl.load(W + i[:, None] * dv + j[None, :], mask=mask, other=0.0).to(tl.float32)
-    beta = tl.load(BETA + row).to(tl.float32)
-    rnorm = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) + eps2)
-    k = h * rnorm
-    p = tl.sum(k[:, None] * x, axis=0)
-    delta = beta * (v - p)
-    upd = (k[:, None] * delta[None, :]).to(OUT.dtype.element_ty).to(tl.float32)
-    out = (x + upd).to(OUT.dtype.element_ty)
-    tl.store(OUT + offs, out, mask=mask)
-    tl.store(Y + row * d + i, tl.sum(out.to(tl.float32) * w, axis=1).to(Y.dtype.element_ty), mask=i_ok)
-    tl.store(RNORM + row, rnorm)
-    tl.store(P + row * dv + j, p, mask=j_ok)
-
-
-@triton.jit
-def _bwd_read_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, GW, n, d, dv,
-                     BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
-    # tokens pid, pid + programs, ...: the readout's gradient g += gy W^T joins the update's, and each
-    # program sums its tokens' share of grad W = sum_t gy[t] out[t] (out recomputed, as forward rounded it)
+def _fwd_tile_kernel(X, H, V, BETA, W, OUT, Y, RNORM, P, n, d, dv, eps2,
+                     READ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    # d_v > 1: a token's state is a (d, d_v) tile, d_v innermost; program pid takes tokens pid, pid +
+    # programs, ... READ: also the next readout of the new state, y[i] = sum_j W[i, j] out[i, j]
     pid, programs = tl.program_id(0), tl.num_programs(0)
     i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
     i_ok, j_ok = i < d, j < dv
     mask = i_ok[:, None] & j_ok[None, :]
     tile = i[:, None] * dv + j[None, :]
-    w = tl.load(W + tile, mask=mask, other=0.0).to(tl.float32)
-    gw = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
+    if READ:
+        w = tl.load(W + tile, mask=mask, other=0.0).to(tl.float32)
     for r in range(pid, n, programs):
         row = tl.cast(r, tl.int64)
         offs = row * d * dv + tile
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_V)
+        h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
+        v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
+        beta = tl.load(BETA + row).to(tl.float32)
+        rnorm = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) + eps2)
+        k = h * rnorm
+        p = tl.sum(k[:, None] * x, axis=0)  # (BLOCK_V,)
+        delta = beta * (v - p)
+        upd = (k[:, None] * delta[None, :]).to(OUT.dtype.element_ty).to(tl.float32)
+        out = (x + upd).to(OUT.dtype.element_ty)
+        tl.store(OUT + offs, out, mask=mask)
+        if READ:
+            tl.store(Y + row * d + i, tl.sum(out.to(tl.float32) * w, axis=1).to(Y.dtype.element_ty), mask=i_ok)
+        tl.store(RNORM + row, rnorm)
+        tl.store(P + row * dv + j, p, mask=j_ok)
+
+
+@triton.jit
+def _bwd_tile_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, GW, n, d, dv,
+                     READ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    # tokens as in _fwd_tile_kernel. READ: the readout's gradient, g += gy W^T, joins the update's, and
+    # each program sums its tokens' share of grad W = sum_t gy[t] out[t] (out recomputed as forward rounded it)
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
+    i_ok, j_ok = i < d, j < dv
+    mask = i_ok[:, None] & j_ok[None, :]
+    tile = i[:, None] * dv + j[None, :]
+    if READ:
+        w = tl.load(W + tile, mask=mask, other=0.0).to(tl.float32)
+        gw = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
+    for r in range(pid, n, programs):
+        row = tl.cast(r, tl.int64)
+        offs = row * d * dv + tile
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        gy = tl.load(GY + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) + gy[:, None] * w
         h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
         v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
         p = tl.load(P + row * dv + j, mask=j_ok, other=0.0)
@@ -163,17 +123,21 @@ def _bwd_read_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, GW, n
         rnorm = tl.load(RNORM + row)
         k = h * rnorm
         delta = beta * (v - p)
-        upd = (k[:, None] * delta[None, :]).to(GX.dtype.element_ty).to(tl.float32)
-        gw += gy[:, None] * (x + upd).to(GX.dtype.element_ty).to(tl.float32)
-        gk = tl.sum(g * k[:, None], axis=0)
+        if READ:
+            gy = tl.load(GY + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
+            g += gy[:, None] * w
+            upd = (k[:, None] * delta[None, :]).to(GX.dtype.element_ty).to(tl.float32)
+            gw += gy[:, None] * (x + upd).to(GX.dtype.element_ty).to(tl.float32)
+        gk = tl.sum(g * k[:, None], axis=0)  # k^T g, (BLOCK_V,)
         a = beta * gk
-        grad_k = tl.sum(g * delta[None, :] - x * a[None, :], axis=1)
-        c = tl.sum(gk * (delta - beta * p), axis=0)
+        grad_k = tl.sum(g * delta[None, :] - x * a[None, :], axis=1)  # (BLOCK_D,)
+        c = tl.sum(gk * (delta - beta * p), axis=0)  # k.grad_k in closed form; masked lanes add 0
         tl.store(GX + offs, (g - k[:, None] * a[None, :]).to(GX.dtype.element_ty), mask=mask)
         tl.store(GH + row * d + i, (rnorm * (grad_k - c * k)).to(GH.dtype.element_ty), mask=i_ok)
         tl.store(GV + row * dv + j, a, mask=j_ok)
         tl.store(GBETA + row, tl.sum((v - p) * gk, axis=0))
-    tl.store(GW + pid.to(tl.int64) * d * dv + tile, gw, mask=mask)
+    if READ:
+        tl.store(GW + pid.to(tl.int64) * d * dv + tile, gw, mask=mask)
 
 
 def _warps(elements: int) -> int:
@@ -190,17 +154,20 @@ def _launch(d: int, launch: tuple[int, int] | None = None) -> tuple[int, int, in
     return rows, block_d, _warps(rows * block_d)
 
 
-def _tile_launch(d: int, dv: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
-    """d_v > 1: (BLOCK_D, BLOCK_V, num_warps), one token a program."""
+def _tile_launch(n: int, d: int, dv: int, launch: tuple[int, int] | None = None,
+                 programs: int | None = None) -> tuple[int, int, int, int]:
+    """d_v > 1: (programs, BLOCK_D, BLOCK_V, num_warps); by default one token a program, or ``programs``.
+    ``launch`` = (tokens a program, warps) overrides both."""
     block_d, block_v = triton.next_power_of_2(d), triton.next_power_of_2(dv)
-    return block_d, block_v, launch[1] if launch is not None else _warps(block_d * block_v)
+    if launch is not None:
+        return max(1, triton.cdiv(n, launch[0])), block_d, block_v, launch[1]
+    return max(1, min(n, programs or n)), block_d, block_v, _warps(block_d * block_v)
 
 
 def forward(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, eps: float,
             launch: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contiguous X (n, d, d_v), h (n, d), v (n, d_v), beta (n, 1) fp32 -> out like X, rnorm (n, 1) and
-    p (n, d_v) fp32. ``launch``: (rows a program, warps), for bench/fused_kernels.py's sweep; rows
-    applies to d_v = 1 only."""
+    p (n, d_v) fp32. ``launch``: (rows a program, warps), for bench/fused_kernels.py's sweep."""
     n, d, dv = X.shape
     out = torch.empty_like(X)
     rnorm = torch.empty(n, 1, dtype=torch.float32, device=X.device)
@@ -210,9 +177,9 @@ def forward(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
         _fwd_kernel[(triton.cdiv(n, rows),)](X, h, v, beta, out, rnorm, p, n, d, eps * eps,
                                              ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
     else:
-        block_d, block_v, num_warps = _tile_launch(d, dv, launch)
-        _fwd_tile_kernel[(n,)](X, h, v, beta, out, rnorm, p, d, dv, eps * eps, BLOCK_D=block_d,
-                               BLOCK_V=block_v, num_warps=num_warps)
+        programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch)
+        _fwd_tile_kernel[(programs,)](X, h, v, beta, X, out, out, rnorm, p, n, d, dv, eps * eps, READ=False,
+                                      BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps)
     return out, rnorm, p
 
 
@@ -230,9 +197,9 @@ def backward(g: torch.Tensor, X: torch.Tensor, h: torch.Tensor, v: torch.Tensor,
         _bwd_kernel[(triton.cdiv(n, rows),)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, n, d,
                                              ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
     else:
-        block_d, block_v, num_warps = _tile_launch(d, dv, launch)
-        _bwd_tile_kernel[(n,)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, d, dv, BLOCK_D=block_d,
-                               BLOCK_V=block_v, num_warps=num_warps)
+        programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch)
+        _bwd_tile_kernel[(programs,)](g, g, X, h, v, beta, X, rnorm, p, gX, gh, gv, gbeta, gv, n, d, dv, READ=False,
+                                      BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps)
     return gX, gh, gv, gbeta
 
 
@@ -249,9 +216,9 @@ def forward_read(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.
     out, y = torch.empty_like(X), torch.empty(n, d, dtype=X.dtype, device=X.device)
     rnorm = torch.empty(n, 1, dtype=torch.float32, device=X.device)
     p = torch.empty(n, dv, dtype=torch.float32, device=X.device)
-    block_d, block_v, num_warps = _tile_launch(d, dv)
-    _fwd_read_kernel[(n,)](X, h, v, beta, W, out, y, rnorm, p, d, dv, eps * eps, BLOCK_D=block_d,
-                           BLOCK_V=block_v, num_warps=num_warps)
+    programs, block_d, block_v, num_warps = _tile_launch(n, d, dv)
+    _fwd_tile_kernel[(programs,)](X, h, v, beta, W, out, y, rnorm, p, n, d, dv, eps * eps, READ=True,
+                                  BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps)
     return out, y, rnorm, p
 
 
@@ -263,9 +230,8 @@ def backward_read(g: torch.Tensor, gy: torch.Tensor, X: torch.Tensor, h: torch.T
     gX, gh = torch.empty_like(X), torch.empty_like(h)
     gv = torch.empty(n, dv, dtype=torch.float32, device=X.device)
     gbeta = torch.empty(n, 1, dtype=torch.float32, device=X.device)
-    programs = max(1, min(n, READ_PROGRAMS))
+    programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, programs=READ_PROGRAMS)
     gw = torch.empty(programs, d, dv, dtype=torch.float32, device=X.device)
-    block_d, block_v, num_warps = _tile_launch(d, dv)
-    _bwd_read_kernel[(programs,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, gw, n, d, dv,
+    _bwd_tile_kernel[(programs,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, gw, n, d, dv, READ=True,
                                   BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps)
     return gX, gh, gv, gbeta, gw.sum(0)

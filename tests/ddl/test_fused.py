@@ -418,7 +418,7 @@ def test_cuda_folded_readout_matches_float64(monkeypatch, x_dtype, h_dtype):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
-@pytest.mark.parametrize(("d_v", "launch"), [(1, (1, 1)), (1, (4, 2)), (1, (8, 4)), (4, (1, 1)), (4, (1, 8))])
+@pytest.mark.parametrize(("d_v", "launch"), [(1, (1, 1)), (1, (4, 2)), (1, (8, 4)), (4, (1, 1)), (4, (3, 8))])
 def test_launch_shapes_give_the_default_result(d_v, launch):
     """bench/fused_kernels.py sweeps (rows a program, warps); every shape must compute the same."""
     from ddl import _fused_kernels as fk
