@@ -153,11 +153,13 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/throughput.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
+    names = args.variants.split(",")
+    for name in names:
+        config_of(name)  # a bad name exits before any compile
     rows = []
-    for name in args.variants.split(","):
-        overrides = config_of(name)
+    for name in names:
         with switched(name):
-            rows.append(measure(name, overrides, args))
+            rows.append(measure(name, config_of(name), args))
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:

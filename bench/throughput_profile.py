@@ -101,9 +101,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/throughput_profile.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
-    rows = []
-    for name in args.variants.split(","):
+    names = args.variants.split(",")
+    for name in names:
         config_of(name)  # a bad name exits before any compile
+    rows = []
+    for name in names:
         r = measure(name, args)
         rows.append(r)
         lines = [f"== {name}: step {r['step_ms']:.2f} ms, kernels {r['kernel_ms']:.2f} ms/step, "
