@@ -56,7 +56,7 @@ def config_of(name: str) -> dict:
 @contextlib.contextmanager
 def switched(name: str):
     """The code path a variant's suffix asks for, while the block runs; dynamo reset after it, since it
-    guards on neither switch and would reuse this variant's graphs for the next."""
+    does not guard on the swapped forward and would reuse this variant's graphs for the next."""
     suffix = name.partition(":")[2]
     forward, fold = layers.NarrowLinear.forward, fused.FOLD_READOUT
     if suffix == "gemv":
