@@ -44,6 +44,14 @@ VARIANTS = {
 SUFFIXES = ("gemv", "fold")
 
 
+def variant_names(spec: str) -> list[str]:
+    """A comma-separated --variants value, every name checked before the first compile."""
+    names = spec.split(",")
+    for name in names:
+        config_of(name)
+    return names
+
+
 def config_of(name: str) -> dict:
     """The config overrides of a variant name, suffix or not; exits with the choices on a bad name."""
     base, _, suffix = name.partition(":")
@@ -153,11 +161,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/throughput.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
-    names = args.variants.split(",")
-    for name in names:
-        config_of(name)  # a bad name exits before any compile
     rows = []
-    for name in names:
+    for name in variant_names(args.variants):
         with switched(name):
             rows.append(measure(name, config_of(name), args))
     if args.json:

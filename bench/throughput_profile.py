@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from throughput import config_of, step_fn, switched  # bench/ is sys.path[0] when run as a script
+from throughput import config_of, step_fn, switched, variant_names  # bench/ is sys.path[0] when run as a script
 from torch.profiler import ProfilerActivity, profile
 
 from ddl import DDLModel, presets, with_overrides
@@ -101,11 +101,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/throughput_profile.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
-    names = args.variants.split(",")
-    for name in names:
-        config_of(name)  # a bad name exits before any compile
     rows = []
-    for name in names:
+    for name in variant_names(args.variants):
         r = measure(name, args)
         rows.append(r)
         lines = [f"== {name}: step {r['step_ms']:.2f} ms, kernels {r['kernel_ms']:.2f} ms/step, "

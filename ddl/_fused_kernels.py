@@ -168,18 +168,7 @@ def forward(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
             launch: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contiguous X (n, d, d_v), h (n, d), v (n, d_v), beta (n, 1) fp32 -> out like X, rnorm (n, 1) and
     p (n, d_v) fp32. ``launch``: (rows a program, warps), for bench/fused_kernels.py's sweep."""
-    n, d, dv = X.shape
-    out = torch.empty_like(X)
-    rnorm = torch.empty(n, 1, dtype=torch.float32, device=X.device)
-    p = torch.empty(n, dv, dtype=torch.float32, device=X.device)
-    if dv == 1:
-        rows, block_d, num_warps = _launch(d, launch)
-        _fwd_kernel[(triton.cdiv(n, rows),)](X, h, v, beta, out, rnorm, p, n, d, eps * eps,
-                                             ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
-    else:
-        programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch)
-        _fwd_tile_kernel[(programs,)](X, h, v, beta, X, out, out, rnorm, p, n, d, dv, eps * eps, READ=False,
-                                      BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps)
+    out, rnorm, p, _ = _forward(X, h, v, beta, eps, None, launch)
     return out, rnorm, p
 
 
@@ -188,18 +177,7 @@ def backward(g: torch.Tensor, X: torch.Tensor, h: torch.Tensor, v: torch.Tensor,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contiguous g and X (n, d, d_v), h (n, d) and forward's fp32 row scalars -> grad_X, grad_h (their
     inputs' dtypes), grad_v (n, d_v), grad_beta (n, 1) fp32."""
-    n, d, dv = X.shape
-    gX, gh = torch.empty_like(X), torch.empty_like(h)
-    gv = torch.empty(n, dv, dtype=torch.float32, device=X.device)
-    gbeta = torch.empty(n, 1, dtype=torch.float32, device=X.device)
-    if dv == 1:
-        rows, block_d, num_warps = _launch(d, launch)
-        _bwd_kernel[(triton.cdiv(n, rows),)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, n, d,
-                                             ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
-    else:
-        programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch)
-        _bwd_tile_kernel[(programs,)](g, g, X, h, v, beta, X, rnorm, p, gX, gh, gv, gbeta, gv, n, d, dv, READ=False,
-                                      BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps)
+    gX, gh, gv, gbeta, _ = _backward(g, None, X, h, v, beta, None, rnorm, p, launch)
     return gX, gh, gv, gbeta
 
 
@@ -212,13 +190,7 @@ def forward_read(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`forward` for d_v > 1, and y (n, d) like X's dtype: the readout sum_j W[i, j] out[i, j] of the
     new state by W (d, d_v), contiguous."""
-    n, d, dv = X.shape
-    out, y = torch.empty_like(X), torch.empty(n, d, dtype=X.dtype, device=X.device)
-    rnorm = torch.empty(n, 1, dtype=torch.float32, device=X.device)
-    p = torch.empty(n, dv, dtype=torch.float32, device=X.device)
-    programs, block_d, block_v, num_warps = _tile_launch(n, d, dv)
-    _fwd_tile_kernel[(programs,)](X, h, v, beta, W, out, y, rnorm, p, n, d, dv, eps * eps, READ=True,
-                                  BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps)
+    out, rnorm, p, y = _forward(X, h, v, beta, eps, W, None)
     return out, y, rnorm, p
 
 
@@ -226,12 +198,42 @@ def backward_read(g: torch.Tensor, gy: torch.Tensor, X: torch.Tensor, h: torch.T
                   beta: torch.Tensor, W: torch.Tensor, rnorm: torch.Tensor, p: torch.Tensor,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`backward` with the readout's gradient gy (n, d) -> also grad W (d, d_v) fp32."""
+    return _backward(g, gy, X, h, v, beta, W, rnorm, p, None)
+
+
+def _forward(X, h, v, beta, eps, W, launch):
+    """Both forwards: W (d_v > 1 only) adds the readout y; -> (out, rnorm, p, y or None)."""
+    n, d, dv = X.shape
+    out = torch.empty_like(X)
+    rnorm = torch.empty(n, 1, dtype=torch.float32, device=X.device)
+    p = torch.empty(n, dv, dtype=torch.float32, device=X.device)
+    y = None if W is None else torch.empty(n, d, dtype=X.dtype, device=X.device)
+    if dv == 1:
+        rows, block_d, num_warps = _launch(d, launch)
+        _fwd_kernel[(triton.cdiv(n, rows),)](X, h, v, beta, out, rnorm, p, n, d, eps * eps,
+                                             ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
+    else:  # without W, the unused pointers point at tensors at hand
+        programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch)
+        _fwd_tile_kernel[(programs,)](X, h, v, beta, X if W is None else W, out, out if y is None else y, rnorm, p,
+                                      n, d, dv, eps * eps, READ=W is not None, BLOCK_D=block_d, BLOCK_V=block_v,
+                                      num_warps=num_warps)
+    return out, rnorm, p, y
+
+
+def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
+    """Both backwards: gy and W (d_v > 1 only) add the readout's gradient; -> (gX, gh, gv, gbeta, gW or None)."""
     n, d, dv = X.shape
     gX, gh = torch.empty_like(X), torch.empty_like(h)
     gv = torch.empty(n, dv, dtype=torch.float32, device=X.device)
     gbeta = torch.empty(n, 1, dtype=torch.float32, device=X.device)
-    programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, programs=READ_PROGRAMS)
-    gw = torch.empty(programs, d, dv, dtype=torch.float32, device=X.device)
-    _bwd_tile_kernel[(programs,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, gw, n, d, dv, READ=True,
-                                  BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps)
-    return gX, gh, gv, gbeta, gw.sum(0)
+    if dv == 1:
+        rows, block_d, num_warps = _launch(d, launch)
+        _bwd_kernel[(triton.cdiv(n, rows),)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, n, d,
+                                             ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
+        return gX, gh, gv, gbeta, None
+    read = W is not None
+    programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch, READ_PROGRAMS if read else None)
+    gw = torch.empty(programs, d, dv, dtype=torch.float32, device=X.device) if read else gv
+    _bwd_tile_kernel[(programs,)](g, gy if read else g, X, h, v, beta, W if read else X, rnorm, p, gX, gh, gv, gbeta,
+                                  gw, n, d, dv, READ=read, BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps)
+    return gX, gh, gv, gbeta, gw.sum(0) if read else None

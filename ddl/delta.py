@@ -138,10 +138,8 @@ class DeltaResidual(nn.Module):
         d_v > 1, geometry 'k_map', a CC compressor as ``read``, the fused op supported for X, and no
         forward hook or pre-hook on this module, its ``k_dir`` or ``write``, or ``read``: whatever a
         hook would see runs unfused, as ever."""
-        mods = (self, self.k_dir, self.write, read)
-        if not (fused.FOLD_READOUT and self.fused_delta and self.d_v > 1 and self.geometry == "k_map"
-                and isinstance(read, CCCompressor) and fused.supported(X, h)
-                and not any(m._forward_hooks or m._forward_pre_hooks for m in mods)):
+        if not (fused.FOLD_READOUT and self.d_v > 1 and self.geometry == "k_map" and isinstance(read, CCCompressor)
+                and self._fuse(X, h) and not any(m._forward_hooks or m._forward_pre_hooks for m in (self, read))):
             return None
         return fused.delta_update_read(X, h, self._value(c, u), self.beta_gate(c), read.w_eff(), self.k_dir.eps)
 

@@ -220,7 +220,7 @@ def _op_read_backward(g: Tensor, gy: Tensor, X: Tensor, h: Tensor, v: Tensor, be
         w32 = W.float()
         gX, gh, gv, gbeta = _backward_torch(g.float() + gy.float().unsqueeze(-1) * w32, X, h, v, beta, rnorm, p)
         k = (h.float() * rnorm).unsqueeze(-1)
-        out = (X.float() + (k * (beta * (v - p)).unsqueeze(-2)).to(X.dtype).float()).to(X.dtype)
+        out = X + (k * (beta * (v - p)).unsqueeze(-2)).to(X.dtype)  # as forward rounded it
         gW = (gy.float().unsqueeze(-1) * out.float()).reshape(-1, d, dv).sum(0)
         return gX, gh, gv, gbeta, gW.to(W.dtype)
     from ddl import _fused_kernels

@@ -106,7 +106,6 @@ class DDLModel(nn.Module):
         for i, block in enumerate(self.blocks):
             read_next = self.blocks[i + 1].compress if i + 1 < len(self.blocks) else self.readout
             X, x = block(X, x, read_next)  # (B, T, d): the readout of X, or X for d_v = 1
-
         logits = self.lm_head(self.ln_f(x)).float()  # (B, T, V)
         loss = None
         if targets is not None:

@@ -573,3 +573,6 @@ def test_benchmark_variant_switches_flip_the_code_path_and_restore_it(monkeypatc
         throughput.config_of("ddl_dv4_fused:fast")
     with pytest.raises(SystemExit, match="choose from additive"):
         throughput.config_of("ddl_dv9")
+    assert throughput.variant_names("additive,ddl_dv4_fused:fold") == ["additive", "ddl_dv4_fused:fold"]
+    with pytest.raises(SystemExit, match="unknown variant 'ddl_dv9'"):
+        throughput.variant_names("additive,ddl_dv9")
