@@ -43,8 +43,23 @@ class ECExpander(nn.Module):
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         B, T, d = e.shape
+        if torch.compiler.is_compiling():
+            return self._shifted_sum(e)
         y = F.conv1d(F.pad(e.transpose(1, 2), (self.K - 1, 0)), self.weight.to(e.dtype), groups=d)
         return y.transpose(1, 2).reshape(B, T, d, self.d_v)  # (B, T, d, d_v)
+
+    def _shifted_sum(self, e: torch.Tensor) -> torch.Tensor:
+        """The conv as K shifted products, for inductor: one kernel writes the state token-major.
+
+        The conv's output is channel-major, (B, d * d_v, T); its transpose reaches every consumer as a
+        strided view, and the fused update copies it to token rows forward and backward. The inputs
+        round to autocast's dtype and the result to it, as the conv does under autocast."""
+        B, T, d = e.shape
+        dtype = torch.get_autocast_dtype(e.device.type) if torch.is_autocast_enabled(e.device.type) else e.dtype
+        w = self.weight.to(dtype).float().view(d, self.d_v, self.K)
+        ep = F.pad(e.to(dtype).float(), (0, 0, self.K - 1, 0))  # (B, K-1+T, d), zeros before the start
+        X = sum(ep[:, q:q + T, :, None] * w[:, :, q] for q in range(self.K))
+        return X.to(dtype)  # (B, T, d, d_v)
 
 
 class CCCompressor(nn.Module):
@@ -69,7 +84,9 @@ class CCCompressor(nn.Module):
         self.register_buffer("taps", S, persistent=False)
 
     def w_eff(self) -> torch.Tensor:
-        return torch.einsum("is,o,soj->ij", self.weight, self.read, self.taps)  # (d, d_v)
+        """(d, d_v), in the parameters' dtype. A product and a sum rather than an einsum: compiled, that
+        is one small kernel each way instead of autocast's casts around two bmm launches, per block."""
+        return (self.weight[:, :, None, None] * self.read[:, None] * self.taps).sum((1, 2))
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         return (X * self.w_eff().to(X.dtype)).sum(-1)  # (B, T, d)

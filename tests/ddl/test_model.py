@@ -94,6 +94,27 @@ def test_ec_identity_init_equals_repetition():
     torch.testing.assert_close(m.expand(e), e.unsqueeze(-1).expand(2, 5, 16, 4))
 
 
+def test_ec_compiled_shifted_sum_equals_the_conv():
+    """Under torch.compile EC is K shifted products written token-major: the conv's values, dtype
+    under autocast and gradients (to bf16 rounding), and a contiguous state."""
+    torch.manual_seed(0)
+    ec = ECExpander(DDLConfig(**{**SMALL, "d_v": 4}))
+    with torch.no_grad():
+        ec.weight.normal_(0, 0.5)
+    e = torch.randn(2, 9, 16, requires_grad=True)
+    compiled = torch.compile(ec, backend="aot_eager", fullgraph=True)
+    for amp, tol in ((False, 1e-6), (True, 1e-2)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            want, got = ec(e), compiled(e)
+        assert got.dtype == want.dtype == (torch.bfloat16 if amp else torch.float32)
+        assert got.shape == (2, 9, 16, 4) and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        gw = torch.autograd.grad(want.float().square().sum(), (e, ec.weight))
+        gc = torch.autograd.grad(got.float().square().sum(), (e, ec.weight))
+        for a, b in zip(gc, gw, strict=True):
+            assert ((a - b).abs().max() / b.abs().max()).item() < tol
+
+
 def test_official_init():
     cfg = with_overrides(presets["small"], n_layer=12)
     m = DDLModel(with_overrides(cfg, n_layer=2, vocab_size=512, d_v=4))
