@@ -1,0 +1,53 @@
+"""bench/kernel_census.py: inductor's Triton code for a compiled step, counted on a machine without a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def census(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_census.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.skipif(HAS_TRITON, reason="this checks the message given where triton is missing")
+def test_without_triton_it_says_what_to_install():
+    res = census("--variants", "additive")
+    assert res.returncode != 0
+    assert "needs triton importable" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the census needs triton importable (nothing is compiled)")
+def test_census_counts_what_the_fold_removes(tmp_path):
+    """Tiny preset, three variants: both graphs found, every Triton launch given bytes, and the fold
+    (the readout inside the fused update) leaves fewer backward launches and bytes than the plain
+    fused path; no variant keeps EC's convolution."""
+    out = tmp_path / "census.jsonl"
+    res = census("--preset", "tiny", "--seq", "64", "--variants", "additive,ddl_dv4_fused,ddl_dv4_fused:fold",
+                 "--json", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert list(rows) == ["additive", "ddl_dv4_fused", "ddl_dv4_fused:fold"]
+    for r in rows.values():
+        for part in ("forward", "backward"):
+            g = r[part]
+            assert 0 < g["triton_launches"] <= g["launches"] and g["triton_mb"] > 0
+            assert sum(n for _, n, _ in g["kernels"]) == g["launches"]
+            assert not any("convolution" in k for k, _, _ in g["kernels"])
+    plain, fold = rows["ddl_dv4_fused"], rows["ddl_dv4_fused:fold"]
+    assert any("deltascope.delta_update.default" in k for k, _, _ in plain["forward"]["kernels"])
+    assert any("deltascope.delta_update_read.default" in k for k, _, _ in fold["forward"]["kernels"])
+    assert fold["backward"]["launches"] < plain["backward"]["launches"]
+    assert fold["backward"]["triton_mb"] < plain["backward"]["triton_mb"]
+    assert "fwd launches" in res.stdout
