@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call that reproduces every GPU figure in docs/PERFORMANCE.md for issues 2 and 3.
 # Run from the repository root on a CUDA machine; writes JSON lines and logs under ${OUT:-/tmp/out}.
-#   bash bench/gpu_suite.sh [throughput|kernels|overhead|train|tests|all]
+#   bash bench/gpu_suite.sh [throughput|ratios|kernels|overhead|train|tests|all]
+# ratios: issue 6's DDL/additive ratios in one process, synced every step and every block (under 600 s);
+# kernels: the fused kernels' launch sweep and the grouped kernel profile (another call).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DELTASCOPE_CACHE=${DELTASCOPE_CACHE:-/tmp/dscache}
@@ -12,6 +14,10 @@ python3 -c 'import torch; print("torch", torch.__version__)' | tee -a "$OUT/devi
 if [[ $what == throughput || $what == all ]]; then
   python3 bench/throughput.py --preset small --batch 16 --seq 1024 --steps 30 --json "$OUT/throughput.jsonl"
   python3 bench/throughput.py --preset small --batch 16 --seq 1024 --steps 30 --compile --json "$OUT/throughput.jsonl"
+fi
+if [[ $what == ratios || $what == all ]]; then
+  python3 bench/throughput.py --preset small --batch 16 --seq 1024 --steps 30 --compile --sync both \
+    --variants additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_fused:fold --json "$OUT/ratios.jsonl"
 fi
 if [[ $what == kernels || $what == all ]]; then
   python3 bench/fused_kernels.py --json "$OUT/fused-kernels.jsonl"
