@@ -68,8 +68,9 @@ class DDLConfig(BaseModel):
     fused_delta: bool = False
     """Speed only, the same math up to fp32 rounding order: run the update p = k^T X,
     X' = X + beta k (v - p)^T as one Triton kernel forward and one backward (``ddl.fused``) instead of
-    materialising k. Applies where it can: X on CUDA with Triton, geometry 'k_map' (any d_v), and no
-    hooks on a site's ``k_dir`` or ``write`` (a Probe hooks them, and gets the unfused path);
+    materialising k. Applies where it can: X on CUDA with Triton, geometry 'k_map' (any d_v), and
+    only observer hooks on a site's ``k_dir`` or ``write`` (a Probe's are observers: a probed run
+    keeps the kernel; any other hook gets its site the unfused path, ``ddl.delta``);
     elsewhere the PyTorch path runs unchanged. Off by default. On an H100 under torch.compile
     (small preset, tokens/s against the additive baseline; docs/PERFORMANCE.md):
     - d_v = 1: slower than inductor's own fusion of the unfused path, 0.80x against 0.89x;

@@ -8,8 +8,11 @@ Each DeltaResidual owns the child modules the probes hook (the hook contract; ke
 A forward hook that returns a value replaces the module's output: tests inject faults that way.
 
 With ``cfg.fused_delta`` a site may skip ``k_dir`` and ``write`` and run ``ddl.fused`` instead (one
-Triton kernel, k never materialised); it does so only while neither module has a forward hook or
-forward pre-hook, so a hooked site always runs, and taps, the unfused path: the contract holds.
+Triton kernel, k never materialised). It does so only while every forward hook on them is an
+observer (:func:`observes`) and neither has a forward pre-hook. The site then calls the observers
+itself, with the inputs and outputs the modules would have had (k rebuilt from h and the kernel's
+1/||h||; p from the kernel). Any other hook sees the module run: that site takes the unfused path,
+so a hook that changes an output (the tests' fault injection) changes the update. The contract holds.
 """
 
 from __future__ import annotations
@@ -23,6 +26,41 @@ from ddl import fused
 from ddl.config import DDLConfig
 from ddl.layers import NarrowLinear
 from ddl.state import CCCompressor
+
+OBSERVER = "deltascope_observer"
+
+
+def observes(hook, listening=None):
+    """Mark a forward hook as an observer: it returns None and changes nothing it is given. A fused site
+    keeps its fused op under observers and calls them with what ``k_dir``, ``write`` and the site itself
+    would have seen (the probes' hooks are observers). ``listening(module) -> bool``, if given, says
+    whether the hook wants this call: when no observer of a module does, the site skips building what
+    they would be given (k, a state-sized tensor) and does not call them."""
+    setattr(hook, OBSERVER, listening if listening is not None else True)
+    return hook
+
+
+def _observed(m: nn.Module) -> bool:
+    """Whether every hook on m is an observer (True for none), so that a fused path may skip m's forward."""
+    return not m._forward_pre_hooks and all(getattr(fn, OBSERVER, False) for fn in m._forward_hooks.values())
+
+
+def _listening(m: nn.Module) -> bool:
+    """Whether any observer on m wants this call (see :func:`observes`)."""
+    for fn in m._forward_hooks.values():
+        mark = getattr(fn, OBSERVER, False)
+        if not callable(mark) or mark(m):
+            return True
+    return False
+
+
+def _notify(m: nn.Module, args: tuple, out) -> None:
+    """Call m's forward hooks (observers: see _observed) as ``m(*args)`` returning ``out`` would."""
+    for hid, fn in m._forward_hooks.items():
+        if m._forward_hooks_with_kwargs.get(hid, False):
+            fn(m, args, {}, out)
+        else:
+            fn(m, args, out)
 
 
 class BetaGate(nn.Module):
@@ -111,7 +149,12 @@ class DeltaResidual(nn.Module):
             v = self.v_proj(h).float()
         elif self._fuse(X, h):
             # k and p stay in registers; beta and v come from their own modules, as unfused
-            return fused.delta_update(X, h, self._value(c, u), beta, self.k_dir.eps)
+            v = self._value(c, u)
+            if not (_listening(self.k_dir) or _listening(self.write)):
+                return fused.delta_update(X, h, v, beta, self.k_dir.eps)
+            out, rnorm, p = fused.delta_update(X, h, v, beta, self.k_dir.eps, taps=True)
+            self._notify_taps(h, v, beta, rnorm, p)
+            return out
         else:
             k = self.k_dir(h)  # (B, T, d) fp32
             v = self._value(c, u)  # (B, T, d_v) fp32
@@ -135,16 +178,31 @@ class DeltaResidual(nn.Module):
         None where the fold does not apply, and the caller runs ``self`` and ``read`` as modules.
 
         It applies with ``fused.FOLD_READOUT`` (experimental, off by default) and ``cfg.fused_delta``, for
-        d_v > 1, geometry 'k_map', a CC compressor as ``read``, the fused op supported for X, and no
-        forward hook or pre-hook on this module, its ``k_dir`` or ``write``, or ``read``: whatever a
-        hook would see runs unfused, as ever."""
+        d_v > 1, geometry 'k_map', a CC compressor as ``read``, the fused op supported for X, no hook
+        on ``read``, and only observers (:func:`observes`) on this module, its ``k_dir`` and ``write``,
+        which are called here as the unfused modules would call them. Whatever another hook would see
+        runs unfused, as ever."""
         if not (fused.FOLD_READOUT and self.d_v > 1 and self.geometry == "k_map" and isinstance(read, CCCompressor)
-                and self._fuse(X, h) and not any(m._forward_hooks or m._forward_pre_hooks for m in (self, read))):
+                and self._fuse(X, h) and _observed(self) and not (read._forward_hooks or read._forward_pre_hooks)):
             return None
-        return fused.delta_update_read(X, h, self._value(c, u), self.beta_gate(c), read.w_eff(), self.k_dir.eps)
+        v, beta = self._value(c, u), self.beta_gate(c)
+        if not (_listening(self) or _listening(self.k_dir) or _listening(self.write)):
+            return fused.delta_update_read(X, h, v, beta, read.w_eff(), self.k_dir.eps)
+        out, y, rnorm, p = fused.delta_update_read(X, h, v, beta, read.w_eff(), self.k_dir.eps, taps=True)
+        self._notify_taps(h, v, beta, rnorm, p)
+        if _listening(self):
+            _notify(self, (X, h, c, u), out)
+        return out, y
 
     def _fuse(self, X: torch.Tensor, h: torch.Tensor) -> bool:
-        """Whether this call takes the fused op (k_map): flag on, CUDA, taps unhooked."""
-        taps = (self.k_dir, self.write)
-        return (self.fused_delta and fused.supported(X, h)
-                and not any(m._forward_hooks or m._forward_pre_hooks for m in taps))
+        """Whether this call takes the fused op (k_map): flag on, CUDA, only observers on the taps."""
+        return self.fused_delta and fused.supported(X, h) and _observed(self.k_dir) and _observed(self.write)
+
+    def _notify_taps(self, h: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, rnorm: torch.Tensor,
+                     p: torch.Tensor) -> None:
+        """The taps' observers, given what the unfused modules take and return: k = h / ||h|| from the
+        kernel's 1/||h||, and delta = beta (v - p) from its readout p."""
+        if _listening(self.k_dir):
+            _notify(self.k_dir, (h,), h.float() * rnorm)
+        if _listening(self.write):
+            _notify(self.write, (v, p, beta), beta * (v - p))

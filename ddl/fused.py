@@ -70,16 +70,20 @@ def delta_update_reference(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, eps: f
     return X + (k.unsqueeze(-1) * (beta * (v - p)).unsqueeze(-2)).to(X.dtype)
 
 
-def delta_update(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, eps: float) -> Tensor:
+def delta_update(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, eps: float,
+                 taps: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """The fused op; same signature and result as :func:`delta_update_reference`.
 
-    v and beta broadcast to (..., d_v) and (..., 1) and are taken in fp32; inputs need not be contiguous."""
+    v and beta broadcast to (..., d_v) and (..., 1) and are taken in fp32; inputs need not be contiguous.
+    ``taps``: also the kernel's row scalars, for observers: (out, 1/||h|| (..., 1), p = k^T X (..., d_v)),
+    fp32 and without gradient."""
     scalar = X.dim() == h.dim()  # d_v = 1: X (..., d)
     Xe = X.unsqueeze(-1) if scalar else X  # (..., d, d_v)
     lead = h.shape[:-1]
     v, beta = v.float().expand(*lead, Xe.shape[-1]), beta.float().expand(*lead, 1)
-    out = torch.ops.deltascope.delta_update(Xe, h, v, beta, eps)[0]
-    return out.squeeze(-1) if scalar else out
+    out, rnorm, p = torch.ops.deltascope.delta_update(Xe, h, v, beta, eps)
+    out = out.squeeze(-1) if scalar else out
+    return (out, rnorm, p) if taps else out
 
 
 def _use_triton(X: Tensor) -> bool:
@@ -179,15 +183,17 @@ def delta_update_read_reference(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W
     return out, (out * W.to(X.dtype)).sum(-1)
 
 
-def delta_update_read(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def delta_update_read(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor, eps: float,
+                      taps: bool = False) -> tuple[Tensor, ...]:
     """The fused op on a (..., d, d_v) state, and the next sublayer's readout of its result in the same
     kernel: (out, y) with y[..., i] = sum_j W[i, j] out[..., i, j] in X's dtype, as
     :func:`delta_update_read_reference`. The readout then reads no state of its own, forward or backward:
-    the backward kernel adds y's gradient to the state's and sums W's gradient as it goes."""
+    the backward kernel adds y's gradient to the state's and sums W's gradient as it goes.
+    ``taps``: (out, y, 1/||h||, p), as :func:`delta_update`'s."""
     lead = h.shape[:-1]
     v, beta = v.float().expand(*lead, X.shape[-1]), beta.float().expand(*lead, 1)
-    out, y, _, _ = torch.ops.deltascope.delta_update_read(X, h, v, beta, W.to(X.dtype), eps)
-    return out, y
+    out, y, rnorm, p = torch.ops.deltascope.delta_update_read(X, h, v, beta, W.to(X.dtype), eps)
+    return (out, y, rnorm, p) if taps else (out, y)
 
 
 @torch.library.custom_op("deltascope::delta_update_read", mutates_args=())

@@ -288,6 +288,18 @@ HOOKS = {"residual": _on_residual, "logit": _on_logit, "k_dir": _on_k, "write": 
 """The hook of each hooked module, by its role in a DeltaResidual."""
 
 
+def _armed(module: nn.Module) -> bool:
+    """Whether a probe this module serves is collecting (a log step or the probe batch)."""
+    return any(sh.mode != OFF for sh, _ in _mine(module))
+
+
+for _hook in HOOKS.values():
+    # observers (the hook contract, ``ddl.delta.observes``): they return None and change nothing, so a
+    # model's fused delta update keeps its kernel and calls them, on log steps only, with what the
+    # modules would have seen
+    _hook.deltascope_observer = _armed
+
+
 class Attachment:
     """One probe's place in the hooks of a model: registers a module's hook when the first probe
     takes it, removes it when the last one lets go (a second probe on the same modules shares the

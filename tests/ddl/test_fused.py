@@ -289,6 +289,97 @@ def test_hooked_taps_keep_the_unfused_path(monkeypatch, tap, kind):
     assert len(seen) == 1 and calls.n == 2 * SMALL["n_layer"] - 1
 
 
+def _recorders(model: DDLModel, observer: bool) -> dict[str, list]:
+    """Hooks on every site's k_dir, write and the site itself that record what they are given."""
+    from ddl.delta import observes
+
+    seen: dict[str, list] = {"k_dir": [], "write": [], "site": []}
+
+    def record(name):
+        def hook(mod, args, out):
+            seen[name].append([t.detach().clone() for t in (*args[:3], out)])
+
+        return observes(hook) if observer else hook
+
+    for site in model.delta_residuals():
+        site.k_dir.register_forward_hook(record("k_dir"))
+        site.write.register_forward_hook(record("write"))
+        site.register_forward_hook(record("site"))
+    return seen
+
+
+@pytest.mark.parametrize(("d_v", "fold"), [(1, False), (4, False), (4, True)], ids=["dv1", "dv4", "dv4-fold"])
+def test_observers_keep_the_fused_path_and_see_the_unfused_values(impl, monkeypatch, d_v, fold):
+    """Observer hooks (the probes') on k_dir, write and the site leave every site fused, folded too, and
+    are called once a site with what the unfused modules take and return: k rebuilt from the kernel's
+    1/||h||, p from its readout, the site's input state and result."""
+    monkeypatch.setattr(fused, "supported", lambda X, h: True)
+    monkeypatch.setattr(fused, "FOLD_READOUT", fold)
+    plain, twin = models(d_v=d_v)
+    want, got = _recorders(plain, observer=False), _recorders(twin, observer=True)
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    plain(idx)
+    with OpCalls() as calls:
+        twin(idx)
+    assert calls.n == 2 * SMALL["n_layer"] and calls.folded == (calls.n if fold else 0)
+    for name in want:
+        assert len(got[name]) == len(want[name]) == 2 * SMALL["n_layer"], name
+        for i, (a, b) in enumerate(zip(got[name], want[name], strict=True)):
+            assert len(a) == len(b)
+            for x, y in zip(a, b, strict=True):
+                assert x.shape == y.shape and x.dtype == y.dtype, (name, i)
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=lambda m, n=name, i=i: f"{n} {i}: {m}")
+
+
+def test_an_observer_beside_another_hook_unfuses_its_site(monkeypatch):
+    """One hook that may change an output is enough: that site runs its modules, the others stay fused."""
+    from ddl.delta import observes
+
+    monkeypatch.setattr(fused, "supported", lambda X, h: True)
+    _, twin = models()
+    site = twin.delta_residuals()[2]
+    site.k_dir.register_forward_hook(observes(lambda m, a, o: None))
+    site.k_dir.register_forward_hook(lambda m, a, o: o * 2)  # a fault injection: replaces k
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    with OpCalls() as calls:
+        twin(idx)
+    assert calls.n == 2 * SMALL["n_layer"] - 1
+
+
+def test_observers_not_listening_are_not_called(monkeypatch):
+    """An observer whose predicate says no (a probe between log steps) is skipped, and so is building k."""
+    from ddl.delta import observes
+
+    monkeypatch.setattr(fused, "supported", lambda X, h: True)
+    _, twin = models()
+    heard = []
+    for site in twin.delta_residuals():
+        site.k_dir.register_forward_hook(observes(lambda m, a, o: heard.append(o), listening=lambda m: False))
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    with OpCalls() as calls:
+        twin(idx)
+    assert heard == [] and calls.n == 2 * SMALL["n_layer"]
+
+
+@pytest.mark.slow
+def test_compiled_fused_model_with_observers_is_one_graph(impl, monkeypatch):
+    """Dynamo inlines the observers' calls: one graph, every site's op in it."""
+    monkeypatch.setattr(fused, "supported", lambda X, h: True)
+    torch._dynamo.reset()
+    plain, twin = models(d_v=4)
+    want, got = _recorders(plain, observer=False), _recorders(twin, observer=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(twin, fullgraph=True, backend=counter)
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    plain(idx)
+    compiled(idx)
+    assert counter.frame_count == 1 and len(op_nodes(counter.graphs[0])) == 2 * SMALL["n_layer"]
+    for name in want:
+        for a, b in zip(got[name], want[name], strict=True):
+            for x, y in zip(a, b, strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
 def op_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     names = ("deltascope.delta_update", "deltascope.delta_update.default", "deltascope.delta_update_read",
              "deltascope.delta_update_read.default")

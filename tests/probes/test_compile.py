@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+import torch._dynamo.testing
 
 from probes import MemorySink, Probe
 from tests.probes.conftest import assert_stats_close, batch, tiny
@@ -31,6 +32,38 @@ def test_compiled_fullgraph_matches_eager():
     for a, b in zip(sc.records, se.records, strict=True):
         assert_stats_close(a.scalars, b.scalars, rtol=1e-5, atol=1e-6)
         assert {k: h.counts for k, h in a.hists.items()} == {k: h.counts for k, h in b.hists.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fold", [False, True], ids=["fused", "fused-fold"])
+def test_compiled_fused_model_under_a_probe_matches_the_unfused_eager_one(monkeypatch, fold):
+    """A fused_delta d_v=4 model keeps its op (and the fold) compiled with a probe: one graph per mode,
+    the unfused eager model's statistics."""
+    from ddl import fused
+
+    monkeypatch.setattr(fused, "supported", lambda X, h: True)
+    monkeypatch.setattr(fused, "FOLD_READOUT", fold)
+    torch._dynamo.reset()
+    eager = tiny(n_layer=1, block_size=16, d_v=4)
+    twin = tiny(n_layer=1, block_size=16, d_v=4, fused_delta=True)
+    twin.load_state_dict(eager.state_dict())
+    se, sc = MemorySink(), MemorySink()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    with Probe(eager, every=2, sinks=[se]) as pe, Probe(twin, every=2, sinks=[sc]) as pc:
+        compiled = torch.compile(twin, fullgraph=True, backend=counter)  # a break raises
+        for step in range(4):
+            x = batch(eager, 2, T=16, seed=step)
+            eager(x, x)[1].backward()
+            compiled(x, x)[1].backward()
+            pe.step(step)
+            pc.step(step)
+    op = "deltascope.delta_update_read" if fold else "deltascope.delta_update"
+    assert counter.frame_count == 2  # the log-step graph and the idle one
+    for gm in counter.graphs:
+        assert sum(str(n.target) in (op, f"{op}.default") for n in gm.graph.nodes) == 2
+    assert [r.step for r in sc.records] == [r.step for r in se.records] == [0, 2]
+    for a, b in zip(sc.records, se.records, strict=True):
+        assert_stats_close(a.scalars, b.scalars, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu

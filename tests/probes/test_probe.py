@@ -168,3 +168,34 @@ def test_probe_into_jsonl_and_tensorboard(tmp_path):
 def test_hist_quantile(counts, q, want):
     got = hist_quantile(np.array(counts, dtype=float), 0.0, 4.0, q)
     assert got == pytest.approx(want, nan_ok=True)
+
+
+@pytest.mark.parametrize(("over", "fold"), [({}, False), ({"d_v": 4}, False), ({"d_v": 4}, True)],
+                         ids=["dv1", "dv4", "dv4-fold"])
+def test_a_fused_model_keeps_its_kernel_under_a_probe(monkeypatch, over, fold):
+    """The probe's hooks are observers: a ``fused_delta`` model keeps its fused update (and the fold)
+    with a probe attached, and the probe reports what it reports on the unfused twin."""
+    from ddl import fused
+    from tests.ddl.test_fused import OpCalls
+
+    monkeypatch.setattr(fused, "supported", lambda X, h: True)
+    monkeypatch.setattr(fused, "FOLD_READOUT", fold)
+    plain, twin = tiny(**over), tiny(**over, fused_delta=True)
+    twin.load_state_dict(plain.state_dict())
+    x = batch(plain, 2)
+    got, want = MemorySink(), MemorySink()
+    for model, sink in ((plain, want), (twin, got)):
+        with Probe(model, sinks=[sink]) as probe, torch.no_grad(), OpCalls() as calls:
+            for step in range(2):
+                model(x, x)
+                probe.step(step)
+        n_sites = len(probe.sites)
+        assert calls.n == (0 if model is plain else 2 * n_sites)
+        assert calls.folded == (2 * n_sites if model is twin and fold else 0)
+    for a, b in zip(got.records, want.records, strict=True):
+        assert a.step == b.step and set(a.scalars) == set(b.scalars)
+        for key, value in b.scalars.items():
+            assert a.scalars[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+        assert set(a.hists) == set(b.hists)
+        for key, h in b.hists.items():
+            assert sum(a.hists[key].counts) == sum(h.counts), key
