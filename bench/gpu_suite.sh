@@ -26,6 +26,9 @@ fi
 if [[ $what == overhead || $what == all ]]; then
   python3 bench/probe_overhead.py --preset small --batch 16 --seq 1024 --json "$OUT/overhead.jsonl"
   python3 bench/probe_overhead.py --preset small --batch 16 --seq 1024 --compile --json "$OUT/overhead.jsonl"
+  # a probed fused d_v=4 model keeps its kernel (observer hooks): the probe against the same model disarmed
+  python3 bench/probe_overhead.py --preset small --batch 16 --seq 1024 --compile --blocks 6 --steps 12 \
+    --set '{"d_v": 4, "fused_delta": true}' --json "$OUT/overhead.jsonl"
 fi
 if [[ $what == train || $what == all ]]; then
   for c in "" "--compile"; do
