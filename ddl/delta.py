@@ -55,8 +55,11 @@ def _listening(m: nn.Module) -> bool:
 
 
 def _notify(m: nn.Module, args: tuple, out) -> None:
-    """Call m's forward hooks (observers: see _observed) as ``m(*args)`` returning ``out`` would."""
+    """Call m's listening observers (see _observed) as ``m(*args)`` returning ``out`` would call them."""
     for hid, fn in m._forward_hooks.items():
+        mark = getattr(fn, OBSERVER, False)
+        if callable(mark) and not mark(m):
+            continue
         if m._forward_hooks_with_kwargs.get(hid, False):
             fn(m, args, {}, out)
         else:

@@ -352,13 +352,17 @@ def test_observers_not_listening_are_not_called(monkeypatch):
 
     monkeypatch.setattr(fused, "supported", lambda X, h: True)
     _, twin = models()
-    heard = []
+    heard, deaf = [], []
     for site in twin.delta_residuals():
-        site.k_dir.register_forward_hook(observes(lambda m, a, o: heard.append(o), listening=lambda m: False))
+        site.k_dir.register_forward_hook(observes(lambda m, a, o: deaf.append(o), listening=lambda m: False))
     idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
     with OpCalls() as calls:
         twin(idx)
-    assert heard == [] and calls.n == 2 * SMALL["n_layer"]
+    assert deaf == [] and calls.n == 2 * SMALL["n_layer"]
+    # beside one that listens, it is still not called
+    twin.delta_residuals()[0].k_dir.register_forward_hook(observes(lambda m, a, o: heard.append(o)))
+    twin(idx)
+    assert deaf == [] and len(heard) == 1
 
 
 @pytest.mark.slow
