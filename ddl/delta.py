@@ -45,21 +45,19 @@ def _observed(m: nn.Module) -> bool:
     return not m._forward_pre_hooks and all(getattr(fn, OBSERVER, False) for fn in m._forward_hooks.values())
 
 
-def _listening(m: nn.Module) -> bool:
-    """Whether any observer on m wants this call (see :func:`observes`)."""
-    for fn in m._forward_hooks.values():
-        mark = getattr(fn, OBSERVER, False)
-        if not callable(mark) or mark(m):
-            return True
-    return False
-
-
-def _notify(m: nn.Module, args: tuple, out) -> None:
-    """Call m's listening observers (see _observed) as ``m(*args)`` returning ``out`` would call them."""
+def _listeners(m: nn.Module) -> list:
+    """m's observers that want this call, as (hook id, hook); see :func:`observes`."""
+    out = []
     for hid, fn in m._forward_hooks.items():
         mark = getattr(fn, OBSERVER, False)
-        if callable(mark) and not mark(m):
-            continue
+        if not callable(mark) or mark(m):
+            out.append((hid, fn))
+    return out
+
+
+def _notify(m: nn.Module, listeners: list, args: tuple, out) -> None:
+    """Call ``listeners`` (from :func:`_listeners`) as ``m(*args)`` returning ``out`` would call them."""
+    for hid, fn in listeners:
         if m._forward_hooks_with_kwargs.get(hid, False):
             fn(m, args, {}, out)
         else:
@@ -153,8 +151,6 @@ class DeltaResidual(nn.Module):
         elif self._fuse(X, h):
             # k and p stay in registers; beta and v come from their own modules, as unfused
             v = self._value(c, u)
-            if not (_listening(self.k_dir) or _listening(self.write)):
-                return fused.delta_update(X, h, v, beta, self.k_dir.eps)
             out, rnorm, p = fused.delta_update(X, h, v, beta, self.k_dir.eps, taps=True)
             self._notify_taps(h, v, beta, rnorm, p)
             return out
@@ -189,12 +185,10 @@ class DeltaResidual(nn.Module):
                 and self._fuse(X, h) and _observed(self) and not (read._forward_hooks or read._forward_pre_hooks)):
             return None
         v, beta = self._value(c, u), self.beta_gate(c)
-        if not (_listening(self) or _listening(self.k_dir) or _listening(self.write)):
-            return fused.delta_update_read(X, h, v, beta, read.w_eff(), self.k_dir.eps)
         out, y, rnorm, p = fused.delta_update_read(X, h, v, beta, read.w_eff(), self.k_dir.eps, taps=True)
         self._notify_taps(h, v, beta, rnorm, p)
-        if _listening(self):
-            _notify(self, (X, h, c, u), out)
+        if listeners := _listeners(self):  # not a module call here: the site's own hooks too
+            _notify(self, listeners, (X, h, c, u), out)
         return out, y
 
     def _fuse(self, X: torch.Tensor, h: torch.Tensor) -> bool:
@@ -203,9 +197,10 @@ class DeltaResidual(nn.Module):
 
     def _notify_taps(self, h: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, rnorm: torch.Tensor,
                      p: torch.Tensor) -> None:
-        """The taps' observers, given what the unfused modules take and return: k = h / ||h|| from the
-        kernel's 1/||h||, and delta = beta (v - p) from its readout p."""
-        if _listening(self.k_dir):
-            _notify(self.k_dir, (h,), h.float() * rnorm)
-        if _listening(self.write):
-            _notify(self.write, (v, p, beta), beta * (v - p))
+        """The taps' listening observers, given what the unfused modules take and return: k = h / ||h||
+        from the kernel's 1/||h||, and delta = beta (v - p) from its readout p. With none listening (no
+        probe, or between log steps) nothing is built."""
+        if listeners := _listeners(self.k_dir):
+            _notify(self.k_dir, listeners, (h,), h.float() * rnorm)
+        if listeners := _listeners(self.write):
+            _notify(self.write, listeners, (v, p, beta), beta * (v - p))
