@@ -37,7 +37,9 @@ def timed(fn, n: int) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in zip(ev[:-1], ev[1:], strict=True)) * 1e3  # us
 
 
-def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int) -> list[dict]:
+def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = False) -> list[dict]:
+    """read: the folded kernels (forward_read / backward_read), which also make the next readout y and
+    take its gradient gy, summing grad W per program."""
     from ddl import _fused_kernels as fk
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,22 +49,38 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int) -> list[dict]:
     v = torch.rand(n, dv, device=dev, generator=g) * 4
     beta = torch.rand(n, 1, device=dev, generator=g) * 2
     gout = torch.randn_like(X)
+    W, gy = torch.randn(d, dv, device=dev, generator=g).to(xdt), torch.randn_like(h)
     _, rnorm, pp = fk.forward(X, h, v, beta, 1e-5)
     xb, hb = X.numel() * X.element_size(), h.numel() * h.element_size()
     small = n * (2 * dv + 2) * 4  # v, beta in; rnorm, p out (fp32)
     fwd_bytes, bwd_bytes = 2 * xb + hb + small, 3 * xb + 2 * hb + 2 * small
+    if read:  # y written; gy read
+        fwd_bytes, bwd_bytes = fwd_bytes + hb, bwd_bytes + hb
+    if read:
+        def fwd(launch):
+            return fk.forward_read(X, h, v, beta, W, 1e-5, launch)
+
+        def bwd(launch):
+            return fk.backward_read(gout, gy, X, h, v, beta, W, rnorm, pp, launch)
+    else:
+        def fwd(launch):
+            return fk.forward(X, h, v, beta, 1e-5, launch)
+
+        def bwd(launch):
+            return fk.backward(gout, X, h, v, beta, rnorm, pp, launch)
     block_d = 1 << (d - 1).bit_length()
     launches = ([(r, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8, 16) if r * block_d // w >= 32]
-                if dv == 1 else [(r, w) for r in (1, 2, 4, 8) for w in (2, 4, 8, 16)])
+                if dv == 1 else [(r, w) for r in ((4, 8, 16, 32) if read else (1, 2, 4, 8)) for w in (2, 4, 8, 16)])
     out = []
     for launch in [None, *launches]:
         try:
-            f_us = timed(lambda launch=launch: fk.forward(X, h, v, beta, 1e-5, launch), iters)
-            b_us = timed(lambda launch=launch: fk.backward(gout, X, h, v, beta, rnorm, pp, launch), iters)
+            f_us = timed(lambda launch=launch: fwd(launch), iters)
+            b_us = timed(lambda launch=launch: bwd(launch), iters)
         except Exception as e:  # a launch the compiler refuses (too many registers): say so, go on
             print(f"d_v={dv} launch {launch}: {type(e).__name__}: {str(e)[:80]}")
             continue
-        out.append({"d_v": dv, "launch": "default" if launch is None else f"rows={launch[0]} warps={launch[1]}",
+        name = "default" if launch is None else f"rows={launch[0]} warps={launch[1]}"
+        out.append({"d_v": dv, "read": read, "launch": name,
                     "fwd_us": f_us, "bwd_us": b_us, "fwd_tbs": fwd_bytes / f_us / 1e6,
                     "bwd_tbs": bwd_bytes / b_us / 1e6, "fwd_mb": fwd_bytes / 1e6, "bwd_mb": bwd_bytes / 1e6})
     return out
@@ -78,7 +96,8 @@ def main() -> None:
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("bench/fused_kernels.py needs a CUDA device (or TRITON_INTERPRET=1 for a smoke run on CPU)")
     n, d = args.tokens, args.d
-    rows_out = sweep(1, torch.float32, n, d, args.iters) + sweep(4, torch.bfloat16, n, d, args.iters)
+    rows_out = (sweep(1, torch.float32, n, d, args.iters) + sweep(4, torch.bfloat16, n, d, args.iters)
+                + sweep(4, torch.bfloat16, n, d, args.iters, read=True))
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter)"
     if args.json:
         with open(args.json, "a") as f:
@@ -86,9 +105,10 @@ def main() -> None:
                 f.write(json.dumps({**r, "tokens": n, "d": d, "device": name,
                                     "torch": torch.__version__}) + "\n")
     print(f"\n{name} torch {torch.__version__}, {n} tokens, d = {d}")
-    print(f"{'d_v':>3}  {'launch':<18}{'fwd us':>9}{'TB/s':>7}{'bwd us':>9}{'TB/s':>7}")
+    print(f"{'d_v':>3}  {'kernels':<8}{'launch':<18}{'fwd us':>9}{'TB/s':>7}{'bwd us':>9}{'TB/s':>7}")
     for r in rows_out:
-        print(f"{r['d_v']:>3}  {r['launch']:<18}{r['fwd_us']:>9.1f}{r['fwd_tbs']:>7.2f}"
+        kind = "read" if r["read"] else "plain"
+        print(f"{r['d_v']:>3}  {kind:<8}{r['launch']:<18}{r['fwd_us']:>9.1f}{r['fwd_tbs']:>7.2f}"
               f"{r['bwd_us']:>9.1f}{r['bwd_tbs']:>7.2f}")
 
 

@@ -2,12 +2,12 @@
 
 Rows are tokens; a row's state is d x d_v, d_v innermost. d_v = 1 (``_fwd_kernel``): one program owns
 ``ROWS`` whole rows (``BLOCK_D`` = next power of two >= d, masked). d_v > 1 (``_fwd_tile_kernel``):
-a row's (d, d_v) tile at a time, each program striding over rows (one row a program by default); with
-``READ`` they also make, or take the gradient of, the next CC readout. Either way every row reduction
-stays in registers: each kernel reads its inputs once and writes its outputs once. Math and the
-backward derivation: ``ddl.fused``. Only long-stable Triton APIs (program_id, arange, masked
-load/store, sum, sqrt, loops, constexpr branches): the GPU machine runs the Triton bundled with its
-torch, older than the one the CPU interpreter tests use.
+a row's (d, d_v) tile at a time, one row a program or each program striding over rows (``TILE_LAUNCH``);
+with ``READ`` they also make, or take the gradient of, the next CC readout. Either way every row
+reduction stays in registers: each kernel reads its inputs once and writes its outputs once. Math and
+the backward derivation: ``ddl.fused``. Only long-stable Triton APIs (program_id, arange, masked
+load/store, sum, sqrt, loops, constexpr branches, calls of jit functions): the GPU machine runs the
+Triton bundled with its torch, older than the one the CPU interpreter tests use.
 """
 
 from __future__ import annotations
@@ -67,10 +67,33 @@ def _bwd_kernel(G, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, n_rows, d,
 
 
 @triton.jit
+def _fwd_tile_token(X, H, V, BETA, OUT, Y, RNORM, P, row, d, dv, eps2, i, j, i_ok, j_ok, mask, tile, w,
+                    READ: tl.constexpr):
+    # one token: its state is a (d, d_v) tile, d_v innermost. READ: also the next readout of the new
+    # state, y[i] = sum_j W[i, j] out[i, j]
+    offs = row * d * dv + tile
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_V)
+    h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
+    v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
+    beta = tl.load(BETA + row).to(tl.float32)
+    rnorm = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) + eps2)
+    k = h * rnorm
+    p = tl.sum(k[:, None] * x, axis=0)  # (BLOCK_V,)
+    delta = beta * (v - p)
+    upd = (k[:, None] * delta[None, :]).to(OUT.dtype.element_ty).to(tl.float32)
+    out = (x + upd).to(OUT.dtype.element_ty)
+    tl.store(OUT + offs, out, mask=mask)
+    if READ:
+        tl.store(Y + row * d + i, tl.sum(out.to(tl.float32) * w, axis=1).to(Y.dtype.element_ty), mask=i_ok)
+    tl.store(RNORM + row, rnorm)
+    tl.store(P + row * dv + j, p, mask=j_ok)
+
+
+@triton.jit
 def _fwd_tile_kernel(X, H, V, BETA, W, OUT, Y, RNORM, P, n, d, dv, eps2,
-                     READ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
-    # d_v > 1: a token's state is a (d, d_v) tile, d_v innermost; program pid takes tokens pid, pid +
-    # programs, ... READ: also the next readout of the new state, y[i] = sum_j W[i, j] out[i, j]
+                     READ: tl.constexpr, STRIDED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    # d_v > 1. STRIDED: program pid takes tokens pid, pid + programs, ...; else token pid alone, straight-line
+    # code (a loop of one trip ran the forward at half the speed on an H100)
     pid, programs = tl.program_id(0), tl.num_programs(0)
     i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
     i_ok, j_ok = i < d, j < dv
@@ -78,31 +101,52 @@ def _fwd_tile_kernel(X, H, V, BETA, W, OUT, Y, RNORM, P, n, d, dv, eps2,
     tile = i[:, None] * dv + j[None, :]
     if READ:
         w = tl.load(W + tile, mask=mask, other=0.0).to(tl.float32)
-    for r in range(pid, n, programs):
-        row = tl.cast(r, tl.int64)
-        offs = row * d * dv + tile
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_D, BLOCK_V)
-        h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
-        v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
-        beta = tl.load(BETA + row).to(tl.float32)
-        rnorm = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) + eps2)
-        k = h * rnorm
-        p = tl.sum(k[:, None] * x, axis=0)  # (BLOCK_V,)
-        delta = beta * (v - p)
-        upd = (k[:, None] * delta[None, :]).to(OUT.dtype.element_ty).to(tl.float32)
-        out = (x + upd).to(OUT.dtype.element_ty)
-        tl.store(OUT + offs, out, mask=mask)
-        if READ:
-            tl.store(Y + row * d + i, tl.sum(out.to(tl.float32) * w, axis=1).to(Y.dtype.element_ty), mask=i_ok)
-        tl.store(RNORM + row, rnorm)
-        tl.store(P + row * dv + j, p, mask=j_ok)
+    else:
+        w = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
+    if STRIDED:
+        for r in range(pid, n, programs):
+            _fwd_tile_token(X, H, V, BETA, OUT, Y, RNORM, P, tl.cast(r, tl.int64), d, dv, eps2, i, j, i_ok, j_ok,
+                            mask, tile, w, READ)
+    else:
+        _fwd_tile_token(X, H, V, BETA, OUT, Y, RNORM, P, pid.to(tl.int64), d, dv, eps2, i, j, i_ok, j_ok,
+                        mask, tile, w, READ)
+
+
+@triton.jit
+def _bwd_tile_token(G, GY, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, row, d, dv, i, j, i_ok, j_ok, mask, tile,
+                    w, gw, READ: tl.constexpr):
+    # one token. READ: the readout's gradient, g += gy W^T, joins the update's, and the token's share of
+    # grad W = sum_t gy[t] out[t] (out recomputed as forward rounded it) is added to gw, which is returned
+    offs = row * d * dv + tile
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
+    v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
+    p = tl.load(P + row * dv + j, mask=j_ok, other=0.0)
+    beta = tl.load(BETA + row).to(tl.float32)
+    rnorm = tl.load(RNORM + row)
+    k = h * rnorm
+    delta = beta * (v - p)
+    if READ:
+        gy = tl.load(GY + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
+        g += gy[:, None] * w
+        upd = (k[:, None] * delta[None, :]).to(GX.dtype.element_ty).to(tl.float32)
+        gw += gy[:, None] * (x + upd).to(GX.dtype.element_ty).to(tl.float32)
+    gk = tl.sum(g * k[:, None], axis=0)  # k^T g, (BLOCK_V,)
+    a = beta * gk
+    grad_k = tl.sum(g * delta[None, :] - x * a[None, :], axis=1)  # (BLOCK_D,)
+    c = tl.sum(gk * (delta - beta * p), axis=0)  # k.grad_k in closed form; masked lanes add 0
+    tl.store(GX + offs, (g - k[:, None] * a[None, :]).to(GX.dtype.element_ty), mask=mask)
+    tl.store(GH + row * d + i, (rnorm * (grad_k - c * k)).to(GH.dtype.element_ty), mask=i_ok)
+    tl.store(GV + row * dv + j, a, mask=j_ok)
+    tl.store(GBETA + row, tl.sum((v - p) * gk, axis=0))
+    return gw
 
 
 @triton.jit
 def _bwd_tile_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, GW, n, d, dv,
-                     READ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
-    # tokens as in _fwd_tile_kernel. READ: the readout's gradient, g += gy W^T, joins the update's, and
-    # each program sums its tokens' share of grad W = sum_t gy[t] out[t] (out recomputed as forward rounded it)
+                     READ: tl.constexpr, STRIDED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    # tokens as in _fwd_tile_kernel. READ: each program writes its partial of grad W to GW[pid]
     pid, programs = tl.program_id(0), tl.num_programs(0)
     i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
     i_ok, j_ok = i < d, j < dv
@@ -110,58 +154,56 @@ def _bwd_tile_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, GW, n
     tile = i[:, None] * dv + j[None, :]
     if READ:
         w = tl.load(W + tile, mask=mask, other=0.0).to(tl.float32)
-        gw = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
-    for r in range(pid, n, programs):
-        row = tl.cast(r, tl.int64)
-        offs = row * d * dv + tile
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
-        v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
-        p = tl.load(P + row * dv + j, mask=j_ok, other=0.0)
-        beta = tl.load(BETA + row).to(tl.float32)
-        rnorm = tl.load(RNORM + row)
-        k = h * rnorm
-        delta = beta * (v - p)
-        if READ:
-            gy = tl.load(GY + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
-            g += gy[:, None] * w
-            upd = (k[:, None] * delta[None, :]).to(GX.dtype.element_ty).to(tl.float32)
-            gw += gy[:, None] * (x + upd).to(GX.dtype.element_ty).to(tl.float32)
-        gk = tl.sum(g * k[:, None], axis=0)  # k^T g, (BLOCK_V,)
-        a = beta * gk
-        grad_k = tl.sum(g * delta[None, :] - x * a[None, :], axis=1)  # (BLOCK_D,)
-        c = tl.sum(gk * (delta - beta * p), axis=0)  # k.grad_k in closed form; masked lanes add 0
-        tl.store(GX + offs, (g - k[:, None] * a[None, :]).to(GX.dtype.element_ty), mask=mask)
-        tl.store(GH + row * d + i, (rnorm * (grad_k - c * k)).to(GH.dtype.element_ty), mask=i_ok)
-        tl.store(GV + row * dv + j, a, mask=j_ok)
-        tl.store(GBETA + row, tl.sum((v - p) * gk, axis=0))
+    else:
+        w = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
+    gw = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
+    if STRIDED:
+        for r in range(pid, n, programs):
+            gw = _bwd_tile_token(G, GY, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, tl.cast(r, tl.int64), d, dv,
+                                 i, j, i_ok, j_ok, mask, tile, w, gw, READ)
+    else:
+        gw = _bwd_tile_token(G, GY, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, pid.to(tl.int64), d, dv,
+                             i, j, i_ok, j_ok, mask, tile, w, gw, READ)
     if READ:
         tl.store(GW + pid.to(tl.int64) * d * dv + tile, gw, mask=mask)
 
 
-def _warps(elements: int) -> int:
-    return min(max(elements // 256, 1), 16)
+TILE_LAUNCH = {"forward": (1, 16), "backward": (1, 16), "forward_read": (8, 4)}
+"""d_v > 1: (tokens a program, warps) of each tile kernel for a 4096-element tile (d = 768, d_v = 4; warps
+scale with the tile). One token a program runs straight-line code, more loop over tokens. Measured on an
+H100 (16384 tokens, bf16 state, 2026-11-23): one token under 16 warps took 133 us forward and 200 us
+backward a site inside the compiled model (fourth session's profile, before the loop existed); as a loop,
+8 tokens under 4 warps took 160 and 255 us and one token under 16 warps 269 and 311 us
+(bench/fused_kernels.py). The folded forward: 8 tokens under 4 warps, 198 us, against 313 us for one
+token under 16 warps in a loop. The folded backward: READ_PROGRAMS and READ_WARPS."""
+
+
+def _tile_warps(warps: int, block_d: int, block_v: int) -> int:
+    return max(1, min(16, warps * block_d * block_v // 4096))
 
 
 def _launch(d: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
-    """d_v = 1: (ROWS, BLOCK_D, num_warps) for rows of width d, about 2048 elements a program, so that
-    small d packs several rows and d = 768 runs two rows under 8 warps. A first guess, untuned on hardware."""
+    """d_v = 1: (ROWS, BLOCK_D, num_warps) for rows of width d: about 4096 elements a program under a warp
+    per 512, so d = 768 runs four rows under 8 warps (on an H100: forward 47 us, backward 71 us for 16384
+    tokens, against 87 and 379 us for two rows under 8 warps)."""
     block_d = triton.next_power_of_2(d)
     if launch is not None:
         return launch[0], block_d, launch[1]
-    rows = max(1, 2048 // block_d)
-    return rows, block_d, _warps(rows * block_d)
+    rows = max(1, 4096 // block_d)
+    return rows, block_d, min(max(rows * block_d // 512, 1), 16)
 
 
-def _tile_launch(n: int, d: int, dv: int, launch: tuple[int, int] | None = None,
-                 programs: int | None = None) -> tuple[int, int, int, int]:
-    """d_v > 1: (programs, BLOCK_D, BLOCK_V, num_warps); by default one token a program, or ``programs``.
-    ``launch`` = (tokens a program, warps) overrides both."""
+def _tile_launch(kernel: str, n: int, d: int, dv: int,
+                 launch: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    """d_v > 1: (programs, BLOCK_D, BLOCK_V, num_warps) of ``kernel`` (a TILE_LAUNCH key, or "backward_read"
+    for READ_PROGRAMS programs under READ_WARPS). ``launch`` = (tokens a program, warps) overrides it."""
     block_d, block_v = triton.next_power_of_2(d), triton.next_power_of_2(dv)
     if launch is not None:
         return max(1, triton.cdiv(n, launch[0])), block_d, block_v, launch[1]
-    return max(1, min(n, programs or n)), block_d, block_v, _warps(block_d * block_v)
+    if kernel == "backward_read":
+        return max(1, min(n, READ_PROGRAMS)), block_d, block_v, _tile_warps(READ_WARPS, block_d, block_v)
+    tokens, warps = TILE_LAUNCH[kernel]
+    return max(1, triton.cdiv(n, tokens)), block_d, block_v, _tile_warps(warps, block_d, block_v)
 
 
 def forward(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, eps: float,
@@ -182,23 +224,28 @@ def backward(g: torch.Tensor, X: torch.Tensor, h: torch.Tensor, v: torch.Tensor,
 
 
 READ_PROGRAMS = 1024
-"""Programs of the folded backward; each sums its tokens' part of grad W into one (d, d_v) partial. A
-first guess (about 8 a streaming multiprocessor on an H100), untuned on hardware."""
+"""Programs of the folded backward; each sums its tokens' part of grad W into one (d, d_v) partial.
+READ_WARPS: its warps. Measured on an H100 (16384 tokens, d = 768, d_v = 4, bf16, bench/fused_kernels.py,
+2026-11-23): 16 tokens a program under 8 warps ran it in 310 us, against 431 us under 4 warps; 4 to 32
+tokens a program made no difference beyond noise."""
+READ_WARPS = 8
 
 
 def forward_read(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, W: torch.Tensor, eps: float,
+                 launch: tuple[int, int] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`forward` for d_v > 1, and y (n, d) like X's dtype: the readout sum_j W[i, j] out[i, j] of the
     new state by W (d, d_v), contiguous."""
-    out, rnorm, p, y = _forward(X, h, v, beta, eps, W, None)
+    out, rnorm, p, y = _forward(X, h, v, beta, eps, W, launch)
     return out, y, rnorm, p
 
 
 def backward_read(g: torch.Tensor, gy: torch.Tensor, X: torch.Tensor, h: torch.Tensor, v: torch.Tensor,
                   beta: torch.Tensor, W: torch.Tensor, rnorm: torch.Tensor, p: torch.Tensor,
+                  launch: tuple[int, int] | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`backward` with the readout's gradient gy (n, d) -> also grad W (d, d_v) fp32."""
-    return _backward(g, gy, X, h, v, beta, W, rnorm, p, None)
+    return _backward(g, gy, X, h, v, beta, W, rnorm, p, launch)
 
 
 def _forward(X, h, v, beta, eps, W, launch):
@@ -213,10 +260,11 @@ def _forward(X, h, v, beta, eps, W, launch):
         _fwd_kernel[(triton.cdiv(n, rows),)](X, h, v, beta, out, rnorm, p, n, d, eps * eps,
                                              ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
     else:  # without W, the unused pointers point at tensors at hand
-        programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch)
+        kernel = "forward" if W is None else "forward_read"
+        programs, block_d, block_v, num_warps = _tile_launch(kernel, n, d, dv, launch)
         _fwd_tile_kernel[(programs,)](X, h, v, beta, X if W is None else W, out, out if y is None else y, rnorm, p,
-                                      n, d, dv, eps * eps, READ=W is not None, BLOCK_D=block_d, BLOCK_V=block_v,
-                                      num_warps=num_warps)
+                                      n, d, dv, eps * eps, READ=W is not None, STRIDED=programs < n,
+                                      BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps)
     return out, rnorm, p, y
 
 
@@ -232,8 +280,9 @@ def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
                                              ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
         return gX, gh, gv, gbeta, None
     read = W is not None
-    programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch, READ_PROGRAMS if read else None)
+    programs, block_d, block_v, num_warps = _tile_launch("backward_read" if read else "backward", n, d, dv, launch)
     gw = torch.empty(programs, d, dv, dtype=torch.float32, device=X.device) if read else gv
     _bwd_tile_kernel[(programs,)](g, gy if read else g, X, h, v, beta, W if read else X, rnorm, p, gX, gh, gv, gbeta,
-                                  gw, n, d, dv, READ=read, BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps)
+                                  gw, n, d, dv, READ=read, STRIDED=programs < n, BLOCK_D=block_d, BLOCK_V=block_v,
+                                  num_warps=num_warps)
     return gX, gh, gv, gbeta, gw.sum(0) if read else None

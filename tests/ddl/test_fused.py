@@ -534,6 +534,28 @@ def test_launch_shapes_give_the_default_result(d_v, launch):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("launch", [(1, 2), (3, 4), (16, 8)])
+def test_folded_launch_shapes_give_the_default_result(launch):
+    """The folded kernels, one token a program (straight-line) or several (a loop, grad W summed per
+    program), compute what their default launch does."""
+    from ddl import _fused_kernels as fk
+
+    n, d, d_v = 11, 13, 4
+    g = torch.Generator().manual_seed(1)
+    X, h, W = torch.randn(n, d, d_v, generator=g), torch.randn(n, d, generator=g), torch.randn(d, d_v, generator=g)
+    v, beta = torch.rand(n, d_v, generator=g), torch.rand(n, 1, generator=g) * 2
+    gout, gy = torch.randn(n, d, d_v, generator=g), torch.randn(n, d, generator=g)
+    want = fk.forward_read(X, h, v, beta, W, EPS)
+    got = fk.forward_read(X, h, v, beta, W, EPS, launch)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    wb = fk.backward_read(gout, gy, X, h, v, beta, W, want[2], want[3])
+    gb = fk.backward_read(gout, gy, X, h, v, beta, W, want[2], want[3], launch)
+    for a, b in zip(gb, wb, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
 def test_kernel_benchmark_runs_under_the_interpreter(tmp_path):
     """bench/fused_kernels.py end to end on a tiny shape: every launch it sweeps runs and is recorded."""
     import json
@@ -548,9 +570,9 @@ def test_kernel_benchmark_runs_under_the_interpreter(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(root)})
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["d_v"] for r in rows} == {1, 4}
+    assert {(r["d_v"], r["read"]) for r in rows} == {(1, False), (4, False), (4, True)}
     assert all(r["fwd_us"] > 0 and r["bwd_us"] > 0 and r["fwd_mb"] > 0 for r in rows)
-    assert "d_v  launch" in res.stdout
+    assert "d_v  kernels launch" in res.stdout
 
 
 # -- the update with the next CC readout folded in (d_v > 1) ----------------------------------------
