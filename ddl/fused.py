@@ -170,10 +170,12 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 
 # -- the update with the next readout folded in (d_v > 1, a CC compressor next) ----------------------
 FOLD_READOUT = False
-"""Experimental, off until measured on a GPU: with ``fused_delta`` and a CC compressor, each update also
-computes the next sublayer's readout (``DeltaResidual.update_and_read``), so the readout reads no state
-of its own, forward or backward. ``bench/throughput_profile.py`` times it with the ``:fold`` variant
-suffix, e.g. ``ddl_dv4_fused:fold``."""
+"""Experimental, off: with ``fused_delta`` and a CC compressor, each update also computes the next
+sublayer's readout (``DeltaResidual.update_and_read``), so the readout reads no state of its own, forward
+or backward. On an H100 (small preset, docs/PERFORMANCE.md) it ran 0.681x against the unfolded op's
+0.646x, then 0.680x against 0.678x after a launch change, at 1 GiB more peak memory: not yet a reason
+to turn it on. ``bench/throughput.py`` and ``bench/throughput_profile.py`` time it with the ``:fold``
+variant suffix, e.g. ``ddl_dv4_fused:fold``."""
 
 
 def delta_update_read_reference(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
