@@ -11,6 +11,7 @@ and the bandwidth that implies. The bytes over the device's bandwidth are the ke
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -56,26 +57,21 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
     fwd_bytes, bwd_bytes = 2 * xb + hb + small, 3 * xb + 2 * hb + 2 * small
     if read:  # y written; gy read
         fwd_bytes, bwd_bytes = fwd_bytes + hb, bwd_bytes + hb
-    if read:
-        def fwd(launch):
-            return fk.forward_read(X, h, v, beta, W, 1e-5, launch)
 
-        def bwd(launch):
+    def fwd(launch):
+        return fk.forward_read(X, h, v, beta, W, 1e-5, launch) if read else fk.forward(X, h, v, beta, 1e-5, launch)
+
+    def bwd(launch):
+        if read:
             return fk.backward_read(gout, gy, X, h, v, beta, W, rnorm, pp, launch)
-    else:
-        def fwd(launch):
-            return fk.forward(X, h, v, beta, 1e-5, launch)
-
-        def bwd(launch):
-            return fk.backward(gout, X, h, v, beta, rnorm, pp, launch)
+        return fk.backward(gout, X, h, v, beta, rnorm, pp, launch)
     block_d = 1 << (d - 1).bit_length()
     launches = ([(r, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8, 16) if r * block_d // w >= 32]
                 if dv == 1 else [(r, w) for r in ((4, 8, 16, 32) if read else (1, 2, 4, 8)) for w in (2, 4, 8, 16)])
     out = []
     for launch in [None, *launches]:
         try:
-            f_us = timed(lambda launch=launch: fwd(launch), iters)
-            b_us = timed(lambda launch=launch: bwd(launch), iters)
+            f_us, b_us = timed(functools.partial(fwd, launch), iters), timed(functools.partial(bwd, launch), iters)
         except Exception as e:  # a launch the compiler refuses (too many registers): say so, go on
             print(f"d_v={dv} launch {launch}: {type(e).__name__}: {str(e)[:80]}")
             continue

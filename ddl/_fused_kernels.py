@@ -67,6 +67,20 @@ def _bwd_kernel(G, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, n_rows, d,
 
 
 @triton.jit
+def _tile_setup(W, d, dv, READ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    # a (d, d_v) tile's indices and masks, and W (d, d_v) in fp32 where READ (zeros, never read, elsewhere)
+    i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
+    i_ok, j_ok = i < d, j < dv
+    mask = i_ok[:, None] & j_ok[None, :]
+    tile = i[:, None] * dv + j[None, :]
+    if READ:
+        w = tl.load(W + tile, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
+    return i, j, i_ok, j_ok, mask, tile, w
+
+
+@triton.jit
 def _fwd_tile_token(X, H, V, BETA, OUT, Y, RNORM, P, row, d, dv, eps2, i, j, i_ok, j_ok, mask, tile, w,
                     READ: tl.constexpr):
     # one token: its state is a (d, d_v) tile, d_v innermost. READ: also the next readout of the new
@@ -95,14 +109,7 @@ def _fwd_tile_kernel(X, H, V, BETA, W, OUT, Y, RNORM, P, n, d, dv, eps2,
     # d_v > 1. STRIDED: program pid takes tokens pid, pid + programs, ...; else token pid alone, straight-line
     # code (a loop of one trip ran the forward at half the speed on an H100)
     pid, programs = tl.program_id(0), tl.num_programs(0)
-    i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
-    i_ok, j_ok = i < d, j < dv
-    mask = i_ok[:, None] & j_ok[None, :]
-    tile = i[:, None] * dv + j[None, :]
-    if READ:
-        w = tl.load(W + tile, mask=mask, other=0.0).to(tl.float32)
-    else:
-        w = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
+    i, j, i_ok, j_ok, mask, tile, w = _tile_setup(W, d, dv, READ, BLOCK_D, BLOCK_V)
     if STRIDED:
         for r in range(pid, n, programs):
             _fwd_tile_token(X, H, V, BETA, OUT, Y, RNORM, P, tl.cast(r, tl.int64), d, dv, eps2, i, j, i_ok, j_ok,
@@ -148,14 +155,7 @@ def _bwd_tile_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, GW, n
                      READ: tl.constexpr, STRIDED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
     # tokens as in _fwd_tile_kernel. READ: each program writes its partial of grad W to GW[pid]
     pid, programs = tl.program_id(0), tl.num_programs(0)
-    i, j = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_V)
-    i_ok, j_ok = i < d, j < dv
-    mask = i_ok[:, None] & j_ok[None, :]
-    tile = i[:, None] * dv + j[None, :]
-    if READ:
-        w = tl.load(W + tile, mask=mask, other=0.0).to(tl.float32)
-    else:
-        w = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
+    i, j, i_ok, j_ok, mask, tile, w = _tile_setup(W, d, dv, READ, BLOCK_D, BLOCK_V)
     gw = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
     if STRIDED:
         for r in range(pid, n, programs):
