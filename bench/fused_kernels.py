@@ -40,7 +40,8 @@ def timed(fn, n: int) -> float:
 
 def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = False) -> list[dict]:
     """read: the folded kernels (forward_read / backward_read), which also make the next readout y and
-    take its gradient gy, summing grad W per program."""
+    take its gradient gy: several tokens a program sum grad W as they go; one token a program (rows=1)
+    leaves it to a second kernel, timed with the backward."""
     from ddl import _fused_kernels as fk
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,7 +52,7 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
     beta = torch.rand(n, 1, device=dev, generator=g) * 2
     gout = torch.randn_like(X)
     W, gy = torch.randn(d, dv, device=dev, generator=g).to(xdt), torch.randn_like(h)
-    _, rnorm, pp = fk.forward(X, h, v, beta, 1e-5)
+    res, rnorm, pp = fk.forward(X, h, v, beta, 1e-5)
     xb, hb = X.numel() * X.element_size(), h.numel() * h.element_size()
     small = n * (2 * dv + 2) * 4  # v, beta in; rnorm, p out (fp32)
     fwd_bytes, bwd_bytes = 2 * xb + hb + small, 3 * xb + 2 * hb + 2 * small
@@ -63,11 +64,15 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
 
     def bwd(launch):
         if read:
-            return fk.backward_read(gout, gy, X, h, v, beta, W, rnorm, pp, launch)
+            return fk.backward_read(gout, gy, X, res, h, v, beta, W, rnorm, pp, launch)
         return fk.backward(gout, X, h, v, beta, rnorm, pp, launch)
     block_d = 1 << (d - 1).bit_length()
     launches = ([(r, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8, 16) if r * block_d // w >= 32]
-                if dv == 1 else [(r, w) for r in ((4, 8, 16, 32) if read else (1, 2, 4, 8)) for w in (2, 4, 8, 16)])
+                if dv == 1 else [(r, w) for r in ((1, 4, 8, 16, 32) if read else (1, 2, 4, 8)) for w in (2, 4, 8, 16)])
+    if dv > 1 and torch.cuda.is_available():  # one token under 16 warps, capped at 64 registers: two programs an SM
+        launches.append((1, 16, 64))
+    if dv > 1 and not read:
+        launches += [("chunk", c, w) for c in (64, 128, 256, 512) for w in (2, 4, 8) if c * 4 >= 32 * w]
     out = []
     for launch in [None, *launches]:
         try:
@@ -75,11 +80,42 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
         except Exception as e:  # a launch the compiler refuses (too many registers): say so, go on
             print(f"d_v={dv} launch {launch}: {type(e).__name__}: {str(e)[:80]}")
             continue
-        name = "default" if launch is None else f"rows={launch[0]} warps={launch[1]}"
+        if launch is None:
+            name = "default"
+        elif launch[0] == "chunk":
+            name = f"chunk={launch[1]} warps={launch[2]}"
+        else:
+            name = f"rows={launch[0]} warps={launch[1]}" + (f" regs={launch[2]}" if len(launch) > 2 else "")
         out.append({"d_v": dv, "read": read, "launch": name,
                     "fwd_us": f_us, "bwd_us": b_us, "fwd_tbs": fwd_bytes / f_us / 1e6,
                     "bwd_tbs": bwd_bytes / b_us / 1e6, "fwd_mb": fwd_bytes / 1e6, "bwd_mb": bwd_bytes / 1e6})
     return out
+
+
+GW_LAUNCHES = [(128, 8, 1024, 8), (512, 8, 1024, 4), (1024, 16, 1024, 8), (1024, 8, 512, 4), (2048, 8, 1024, 8),
+               (4096, 4, 1024, 4), (256, 16, 512, 4)]
+
+
+def sweep_grad_w(n: int, d: int, iters: int, dv: int = 4) -> list[dict]:
+    """The folded backward's second kernel alone (one token a program leaves grad W to it) under each
+    GW_LAUNCH candidate: (token ranges, tokens a step, tile entries a program, warps)."""
+    from ddl import _fused_kernels as fk
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(0)
+    res = torch.randn(n, d, dv, device=dev, generator=g).to(torch.bfloat16)
+    gy = torch.randn(n, d, device=dev, generator=g).to(torch.bfloat16)
+    nbytes = (res.numel() + gy.numel()) * 2
+    rows, default = [], fk.GW_LAUNCH
+    try:
+        for launch in GW_LAUNCHES:
+            fk.GW_LAUNCH = launch
+            us = timed(lambda: fk._grad_w(gy, res, n, d, dv, 1 << (dv - 1).bit_length()).sum(0), iters)
+            rows.append({"d_v": dv, "kernels": "grad_w", "launch": "ranges={} tok={} block={} warps={}".format(*launch),
+                         "us": us, "tbs": nbytes / us / 1e6, "mb": nbytes / 1e6})
+    finally:
+        fk.GW_LAUNCH = default
+    return rows
 
 
 def main() -> None:
@@ -94,18 +130,22 @@ def main() -> None:
     n, d = args.tokens, args.d
     rows_out = (sweep(1, torch.float32, n, d, args.iters) + sweep(4, torch.bfloat16, n, d, args.iters)
                 + sweep(4, torch.bfloat16, n, d, args.iters, read=True))
+    gw_rows = sweep_grad_w(n, d, args.iters)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter)"
     if args.json:
         with open(args.json, "a") as f:
-            for r in rows_out:
+            for r in rows_out + gw_rows:
                 f.write(json.dumps({**r, "tokens": n, "d": d, "device": name,
                                     "torch": torch.__version__}) + "\n")
     print(f"\n{name} torch {torch.__version__}, {n} tokens, d = {d}")
-    print(f"{'d_v':>3}  {'kernels':<8}{'launch':<18}{'fwd us':>9}{'TB/s':>7}{'bwd us':>9}{'TB/s':>7}")
+    print(f"{'d_v':>3}  {'kernels':<8}{'launch':<24}{'fwd us':>9}{'TB/s':>7}{'bwd us':>9}{'TB/s':>7}")
     for r in rows_out:
         kind = "read" if r["read"] else "plain"
-        print(f"{r['d_v']:>3}  {kind:<8}{r['launch']:<18}{r['fwd_us']:>9.1f}{r['fwd_tbs']:>7.2f}"
+        print(f"{r['d_v']:>3}  {kind:<8}{r['launch']:<24}{r['fwd_us']:>9.1f}{r['fwd_tbs']:>7.2f}"
               f"{r['bwd_us']:>9.1f}{r['bwd_tbs']:>7.2f}")
+    print("the folded backward's grad W kernel alone (with the partials' sum), one token a program:")
+    for r in gw_rows:
+        print(f"{r['d_v']:>3}  {'grad_w':<8}{r['launch']:<40}{r['us']:>9.1f}{r['tbs']:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ KERNELS = {  # name: (kernel, d_v, constexpr settings swept besides BLOCK_D / BL
     "backward": ("_bwd_tile_kernel", 4, {"READ": False}),
     "forward_read": ("_fwd_tile_kernel", 4, {"READ": True}),
     "backward_read": ("_bwd_tile_kernel", 4, {"READ": True}),
+    "forward_chunk": ("_fwd_chunk_kernel", 4, {}),
+    "backward_chunk": ("_bwd_chunk_kernel", 4, {}),
     "forward_dv1": ("_fwd_kernel", 1, {}),
     "backward_dv1": ("_bwd_kernel", 1, {}),
 }
@@ -110,13 +112,17 @@ def main() -> None:
         kernel, dv, fixed = KERNELS[name]
         fn = getattr(fk, kernel)
         block_d = 1 << (args.d - 1).bit_length()
-        if dv > 1:  # one token a program as straight-line code, or a loop over tokens
+        if "BLOCK_C" in fn.arg_names:  # two passes over rows of d
+            shapes = [{"BLOCK_C": c, "BLOCK_V": 4} for c in (128, 256)]
+        elif dv > 1:  # one token a program as straight-line code, or a loop over tokens
             shapes = [{"STRIDED": s, "BLOCK_D": block_d, "BLOCK_V": 4} for s in (False, True)]
         else:
             shapes = [{"ROWS": r, "BLOCK_D": block_d} for r in (1, 2, 4, 8)]
         for shape in shapes:
             for w in warps:
                 c = {**fixed, **shape}
+                if "SUM_W" in fn.arg_names:  # the folded backward's loop sums grad W itself
+                    c["SUM_W"] = c["READ"] and c["STRIDED"]
                 rows.append({"kernel": name, "d": args.d, "warps": w,
                              **{k.lower(): v for k, v in c.items()}, **report(fn, dv, c, w)})
     if args.json:
@@ -126,7 +132,10 @@ def main() -> None:
     print(f"sm_90a, d = {args.d}; registers a thread, bytes spilled, programs a multiprocessor holds")
     print(f"{'kernel':<15}{'launch':<18}{'warps':>6}{'regs':>6}{'spill':>7}{'per SM':>8}")
     for r in rows:
-        launch = (("loop" if r["strided"] else "one token") if "strided" in r else f"{r['rows']} rows")
+        if "block_c" in r:
+            launch = f"{r['block_c']} rows a pass"
+        else:
+            launch = ("loop" if r["strided"] else "one token") if "strided" in r else f"{r['rows']} rows"
         print(f"{r['kernel']:<15}{launch:<18}{r['warps']:>6}{r['registers']:>6}{r['spill_bytes']:>7}"
               f"{r['blocks_per_sm']:>8}")
 

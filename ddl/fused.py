@@ -28,7 +28,8 @@ without triton. Triton is imported on the first launch only: ``import ddl.fused`
 
 ``delta_update_read`` (d_v > 1, experimental, behind ``FOLD_READOUT``) also returns the next sublayer's
 CC readout y = sum_j W[:, j] out[:, j] of its result; its backward takes y's gradient gy, adds gy W^T to
-the state's gradient in registers, and sums grad W = sum_t gy_t out_t (out recomputed) per program.
+the state's gradient in registers, and sums grad W = sum_t gy_t out_t: per program over a stride of tokens
+(out recomputed in registers), or, one token a program, in a second kernel that reads out again.
 """
 
 from __future__ import annotations
@@ -220,44 +221,43 @@ def _(X, h, v, beta, W, eps):
 
 
 @torch.library.custom_op("deltascope::delta_update_read_backward", mutates_args=())
-def _op_read_backward(g: Tensor, gy: Tensor, X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
-                      rnorm: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad_X, grad_h, grad_v, grad_beta, grad_W), each in its input's dtype (v, beta fp32)."""
+def _op_read_backward(g: Tensor, gy: Tensor, X: Tensor, out: Tensor, h: Tensor, v: Tensor, beta: Tensor,
+                      W: Tensor, rnorm: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (grad_X, grad_h, grad_v, grad_beta, grad_W), each in its input's dtype (v, beta fp32); ``out`` is the
+    forward's result (it is the next site's input, so saving it costs no memory)."""
     d, dv = X.shape[-2:]
     if X.numel() == 0 or not _use_triton(X):
         w32 = W.float()
         gX, gh, gv, gbeta = _backward_torch(g.float() + gy.float().unsqueeze(-1) * w32, X, h, v, beta, rnorm, p)
-        k = (h.float() * rnorm).unsqueeze(-1)
-        out = X + (k * (beta * (v - p)).unsqueeze(-2)).to(X.dtype)  # as forward rounded it
         gW = (gy.float().unsqueeze(-1) * out.float()).reshape(-1, d, dv).sum(0)
         return gX, gh, gv, gbeta, gW.to(W.dtype)
     from ddl import _fused_kernels
 
     gX, gh, gv, gbeta, gW = _fused_kernels.backward_read(
-        _rows(g, d, dv), _rows(gy, d), _rows(X, d, dv), _rows(h, d), _rows(v, dv), _rows(beta, 1), W.contiguous(),
-        _rows(rnorm, 1), _rows(p, dv))
+        _rows(g, d, dv), _rows(gy, d), _rows(X, d, dv), _rows(out, d, dv), _rows(h, d), _rows(v, dv),
+        _rows(beta, 1), W.contiguous(), _rows(rnorm, 1), _rows(p, dv))
     return gX.view(X.shape), gh.view(h.shape), gv.view(v.shape), gbeta.view(beta.shape), gW.to(W.dtype)
 
 
 @_op_read_backward.register_fake
-def _(g, gy, X, h, v, beta, W, rnorm, p):
+def _(g, gy, X, out, h, v, beta, W, rnorm, p):
     return (X.new_empty(X.shape), h.new_empty(h.shape), v.new_empty(v.shape), beta.new_empty(beta.shape),
             W.new_empty(W.shape))
 
 
 def _setup_read(ctx, inputs, output):
     X, h, v, beta, W, eps = inputs
-    _, _, rnorm, p = output
+    out, _, rnorm, p = output
     ctx.mark_non_differentiable(rnorm, p)
-    ctx.save_for_backward(X, h, v, beta, W, rnorm, p)
+    ctx.save_for_backward(X, out, h, v, beta, W, rnorm, p)
 
 
 def _backward_read(ctx, grad_out, grad_y, _grad_rnorm, _grad_p):
-    X, h, v, beta, W, rnorm, p = ctx.saved_tensors
+    X, out, h, v, beta, W, rnorm, p = ctx.saved_tensors
     grad_out = torch.zeros_like(X) if grad_out is None else grad_out
     grad_y = torch.zeros_like(h, dtype=X.dtype) if grad_y is None else grad_y
-    gX, gh, gv, gbeta, gW = torch.ops.deltascope.delta_update_read_backward(grad_out, grad_y, X, h, v, beta, W,
-                                                                             rnorm, p)
+    gX, gh, gv, gbeta, gW = torch.ops.deltascope.delta_update_read_backward(grad_out, grad_y, X, out, h, v, beta,
+                                                                             W, rnorm, p)
     return gX, gh, gv, gbeta, gW, None
 
 

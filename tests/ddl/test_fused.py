@@ -491,12 +491,14 @@ def test_cuda_model_takes_the_fused_op(d_v):
 
 @pytest.mark.gpu
 @cuda_kernels
+@pytest.mark.parametrize("programs", [37, None])
 @pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:3], ids=dtype_ids[:3])
-def test_cuda_folded_readout_matches_float64(monkeypatch, x_dtype, h_dtype):
-    """The small model's shape, d = 768 and d_v = 4, over more tokens than the backward has programs."""
+def test_cuda_folded_readout_matches_float64(monkeypatch, x_dtype, h_dtype, programs):
+    """The small model's shape, d = 768 and d_v = 4, over more tokens than the backward has programs (37: a
+    loop summing grad W as it goes; None: one token a program, grad W by a second kernel)."""
     from ddl import _fused_kernels
 
-    monkeypatch.setattr(_fused_kernels, "READ_PROGRAMS", 37)
+    monkeypatch.setattr(_fused_kernels, "READ_PROGRAMS", programs)
     t, g = inputs((3, 50), 768, 4, x_dtype, h_dtype, device="cuda")
     W = torch.randn(768, 4, device="cuda").requires_grad_()
     gy = torch.randn(3, 50, 768, device="cuda").to(x_dtype)
@@ -513,9 +515,11 @@ def test_cuda_folded_readout_matches_float64(monkeypatch, x_dtype, h_dtype):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
-@pytest.mark.parametrize(("d_v", "launch"), [(1, (1, 1)), (1, (4, 2)), (1, (8, 4)), (4, (1, 1)), (4, (3, 8))])
+@pytest.mark.parametrize(("d_v", "launch"), [(1, (1, 1)), (1, (4, 2)), (1, (8, 4)), (4, (1, 1)), (4, (3, 8)),
+                                             (4, ("chunk", 4, 1)), (4, ("chunk", 16, 2)), (3, (1, 4))])
 def test_launch_shapes_give_the_default_result(d_v, launch):
-    """bench/fused_kernels.py sweeps (rows a program, warps); every shape must compute the same."""
+    """bench/fused_kernels.py sweeps (rows a program, warps), and for d_v > 1 the two-pass kernels' rows a
+    pass (the default) against the one-tile kernels; every shape must compute the same."""
     from ddl import _fused_kernels as fk
 
     n, d = 11, 13  # rows not a multiple of any ROWS, d not a power of two: the masks work
@@ -549,8 +553,8 @@ def test_folded_launch_shapes_give_the_default_result(launch):
     got = fk.forward_read(X, h, v, beta, W, EPS, launch)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    wb = fk.backward_read(gout, gy, X, h, v, beta, W, want[2], want[3])
-    gb = fk.backward_read(gout, gy, X, h, v, beta, W, want[2], want[3], launch)
+    wb = fk.backward_read(gout, gy, X, want[0], h, v, beta, W, want[2], want[3])
+    gb = fk.backward_read(gout, gy, X, want[0], h, v, beta, W, want[2], want[3], launch)
     for a, b in zip(gb, wb, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -570,6 +574,9 @@ def test_kernel_benchmark_runs_under_the_interpreter(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(root)})
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    gw = [r for r in rows if r.get("kernels") == "grad_w"]
+    rows = [r for r in rows if r.get("kernels") != "grad_w"]
+    assert len(gw) >= 2 and all(r["us"] > 0 and r["mb"] > 0 for r in gw)
     assert {(r["d_v"], r["read"]) for r in rows} == {(1, False), (4, False), (4, True)}
     assert all(r["fwd_us"] > 0 and r["bwd_us"] > 0 and r["fwd_mb"] > 0 for r in rows)
     assert "d_v  kernels launch" in res.stdout
@@ -632,13 +639,20 @@ def test_a_hooked_reader_or_site_keeps_its_fold_off(monkeypatch, hooked):
     assert calls.n == 2 * SMALL["n_layer"] and calls.folded == 2 * SMALL["n_layer"] - unfolded
 
 
-@pytest.mark.parametrize("programs", [1, 3, 1024])
-def test_folded_backward_sums_across_programs(impl, monkeypatch, programs):
-    """Each backward program strides over tokens and sums its share of grad W; any count gives one sum."""
+@pytest.mark.parametrize(("programs", "gw_launch"), [(1, None), (3, None), (1024, None), (None, None),
+                                                     (None, (3, 4, 16, 1)), (None, (64, 1, 4, 1))])
+def test_folded_backward_sums_across_programs(impl, monkeypatch, programs, gw_launch):
+    """Each backward program strides over tokens and sums its share of grad W; any count gives one sum. One
+    token a program (None) leaves grad W to a second kernel, whose token ranges and column blocks need not
+    divide the tokens and the tile."""
     if impl == "triton":
         from ddl import _fused_kernels
 
         monkeypatch.setattr(_fused_kernels, "READ_PROGRAMS", programs)
+        if gw_launch is not None:
+            monkeypatch.setattr(_fused_kernels, "GW_LAUNCH", gw_launch)
+    elif programs != 1:
+        pytest.skip("launch shapes exist only for the Triton kernels")
     t, g = inputs((2, 7), 13, 4)
     W = torch.randn(13, 4, generator=torch.Generator().manual_seed(3)).requires_grad_()
     out, y = fused.delta_update_read(t["X"], t["h"], t["v"], t["beta"], W, EPS)
