@@ -173,10 +173,10 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 FOLD_READOUT = False
 """Experimental, off: with ``fused_delta`` and a CC compressor, each update also computes the next
 sublayer's readout (``DeltaResidual.update_and_read``), so the readout reads no state of its own, forward
-or backward. On an H100 (small preset, docs/PERFORMANCE.md) it ran 0.681x against the unfolded op's
-0.646x, then 0.680x against 0.678x after a launch change, at 1 GiB more peak memory: not yet a reason
-to turn it on. ``bench/throughput.py`` and ``bench/throughput_profile.py`` time it with the ``:fold``
-variant suffix, e.g. ``ddl_dv4_fused:fold``."""
+or backward. On an H100 (small preset, docs/PERFORMANCE.md) it ran 0.680x against the unfolded op's
+0.678x, then 0.669x against 0.703x, at 1 GiB more peak memory; the unfolded op's two-pass kernels (0.720x)
+are faster than the fold's one-tile ones. ``bench/throughput.py`` and ``bench/throughput_profile.py`` time
+it with the variant suffix, e.g. ``ddl_dv4_fused:fold``."""
 
 
 def delta_update_read_reference(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
