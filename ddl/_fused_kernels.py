@@ -195,36 +195,45 @@ def _gw_kernel(GY, OUT, GWP, n, d, dv, chunk, TOK: tl.constexpr, BLOCK_F: tl.con
 
 
 @triton.jit
+def _row_block(row, i0, d, dv, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+    # rows i0 .. i0 + BLOCK_C of token row's (d, d_v) state: the rows, their mask, the tile's mask and offsets
+    i, j = i0 + tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_V)
+    i_ok = i < d
+    return i, i_ok, i_ok[:, None] & (j < dv)[None, :], row * d * dv + i[:, None] * dv + j[None, :]
+
+
+@triton.jit
+def _h_dot_state(H, Y, row, d, dv, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+    # the first pass: ||h||^2 and h^T Y (BLOCK_V,) for one token, BLOCK_C rows of its state at a time
+    ss = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    hy = tl.zeros((BLOCK_C, BLOCK_V), dtype=tl.float32)
+    for i0 in range(0, d, BLOCK_C):
+        i, i_ok, m, offs = _row_block(row, i0, d, dv, BLOCK_C, BLOCK_V)
+        h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
+        ss += h * h
+        hy += h[:, None] * tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
+    return tl.sum(ss, axis=0), tl.sum(hy, axis=0)
+
+
+@triton.jit
 def _fwd_chunk_kernel(X, H, V, BETA, OUT, RNORM, P, d, dv, eps2, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
     # d_v > 1, one token a program in two passes over BLOCK_C rows of its (d, d_v) state at a time: the
     # first sums ||h||^2 and h^T X, the second reads the rows again (from cache) and writes. No padding of d
     # to a power of two, and a small tile in registers: more programs an SM
     row = tl.program_id(0).to(tl.int64)
-    c, j = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_V)
-    j_ok = j < dv
-    ss = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    hx = tl.zeros((BLOCK_C, BLOCK_V), dtype=tl.float32)
+    j = tl.arange(0, BLOCK_V)
+    hh, hx = _h_dot_state(H, X, row, d, dv, BLOCK_C, BLOCK_V)
+    rnorm = 1.0 / tl.sqrt(hh + eps2)
+    p = hx * rnorm
+    delta = tl.load(BETA + row).to(tl.float32) * (tl.load(V + row * dv + j, mask=j < dv, other=0.0) - p)
     for i0 in range(0, d, BLOCK_C):
-        i = i0 + c
-        m = (i < d)[:, None] & j_ok[None, :]
-        h = tl.load(H + row * d + i, mask=i < d, other=0.0).to(tl.float32)
-        x = tl.load(X + row * d * dv + i[:, None] * dv + j[None, :], mask=m, other=0.0).to(tl.float32)
-        ss += h * h
-        hx += h[:, None] * x
-    rnorm = 1.0 / tl.sqrt(tl.sum(ss, axis=0) + eps2)
-    p = tl.sum(hx, axis=0) * rnorm
-    v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
-    delta = tl.load(BETA + row).to(tl.float32) * (v - p)
-    for i0 in range(0, d, BLOCK_C):
-        i = i0 + c
-        m = (i < d)[:, None] & j_ok[None, :]
-        offs = row * d * dv + i[:, None] * dv + j[None, :]
-        k = tl.load(H + row * d + i, mask=i < d, other=0.0).to(tl.float32) * rnorm
+        i, i_ok, m, offs = _row_block(row, i0, d, dv, BLOCK_C, BLOCK_V)
+        k = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32) * rnorm
         x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
         upd = (k[:, None] * delta[None, :]).to(OUT.dtype.element_ty).to(tl.float32)
         tl.store(OUT + offs, (x + upd).to(OUT.dtype.element_ty), mask=m)
     tl.store(RNORM + row, rnorm)
-    tl.store(P + row * dv + j, p, mask=j_ok)
+    tl.store(P + row * dv + j, p, mask=j < dv)
 
 
 @triton.jit
@@ -232,17 +241,11 @@ def _bwd_chunk_kernel(G, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, d, dv,
                       BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
     # _bwd_tile_kernel in _fwd_chunk_kernel's two passes: k^T g first, then the gradients row block by block
     row = tl.program_id(0).to(tl.int64)
-    c, j = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_V)
+    j = tl.arange(0, BLOCK_V)
     j_ok = j < dv
     rnorm = tl.load(RNORM + row)
-    hg = tl.zeros((BLOCK_C, BLOCK_V), dtype=tl.float32)
-    for i0 in range(0, d, BLOCK_C):
-        i = i0 + c
-        m = (i < d)[:, None] & j_ok[None, :]
-        h = tl.load(H + row * d + i, mask=i < d, other=0.0).to(tl.float32)
-        g = tl.load(G + row * d * dv + i[:, None] * dv + j[None, :], mask=m, other=0.0).to(tl.float32)
-        hg += h[:, None] * g
-    gk = tl.sum(hg, axis=0) * rnorm
+    _, hg = _h_dot_state(H, G, row, d, dv, BLOCK_C, BLOCK_V)
+    gk = hg * rnorm
     v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
     p = tl.load(P + row * dv + j, mask=j_ok, other=0.0)
     beta = tl.load(BETA + row).to(tl.float32)
@@ -250,15 +253,13 @@ def _bwd_chunk_kernel(G, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, d, dv,
     a = beta * gk
     kgk = tl.sum(gk * (delta - beta * p), axis=0)
     for i0 in range(0, d, BLOCK_C):
-        i = i0 + c
-        m = (i < d)[:, None] & j_ok[None, :]
-        offs = row * d * dv + i[:, None] * dv + j[None, :]
-        k = tl.load(H + row * d + i, mask=i < d, other=0.0).to(tl.float32) * rnorm
+        i, i_ok, m, offs = _row_block(row, i0, d, dv, BLOCK_C, BLOCK_V)
+        k = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32) * rnorm
         g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
         x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
         grad_k = tl.sum(g * delta[None, :] - x * a[None, :], axis=1)
         tl.store(GX + offs, (g - k[:, None] * a[None, :]).to(GX.dtype.element_ty), mask=m)
-        tl.store(GH + row * d + i, (rnorm * (grad_k - kgk * k)).to(GH.dtype.element_ty), mask=i < d)
+        tl.store(GH + row * d + i, (rnorm * (grad_k - kgk * k)).to(GH.dtype.element_ty), mask=i_ok)
     tl.store(GV + row * dv + j, a, mask=j_ok)
     tl.store(GBETA + row, tl.sum((v - p) * gk, axis=0))
 
@@ -266,7 +267,7 @@ def _bwd_chunk_kernel(G, X, H, V, BETA, RNORM, P, GX, GH, GV, GBETA, d, dv,
 CHUNK_LAUNCH = (512, 2)
 """d_v > 1 without the fold: (elements of the state a pass holds, warps) of the two-pass kernels
 (``_fwd_chunk_kernel``, ``_bwd_chunk_kernel``); d = 768, d_v = 4 runs 128 rows of d a pass under 2 warps.
-Measured on an H100 (16384 tokens, bf16 state, bench/fused_kernels.py, 2026-11-23, ninth session): forward
+Measured on an H100 (16384 tokens, bf16 state, bench/fused_kernels.py, 2026-11-23, the seventh GPU session): forward
 117 us and backward 167 us, against 133 and 199 us for the one-tile kernels' best launch (one token under
 16 warps); 256 rows under 4 warps ran 116 and 175 us, 512 rows 164-187 and 250-272 us."""
 
@@ -351,7 +352,7 @@ second kernel (``_gw_kernel``) that reads the update's result again. READ_WARPS:
 for a 4096-element tile. Measured on an H100 (16384 tokens, d = 768, d_v = 4, bf16, bench/fused_kernels.py,
 2026-11-23): 16 tokens a program under 8 warps ran it in 310 us, against 431 us under 4 warps; 4 to 32
 tokens a program made no difference beyond noise. One token a program took 490-515 us with its grad W kernel
-(ninth session): that kernel alone took 130-260 us for 125 MB."""
+(the seventh GPU session): that kernel alone took 130-260 us for 125 MB."""
 READ_WARPS = 8
 GW_LAUNCH = (128, 8, 1024, 8)
 """``_gw_kernel``: (token ranges, tokens a step, tile entries a program, warps)."""
