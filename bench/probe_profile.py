@@ -4,7 +4,7 @@ Prints per condition the step time (CUDA events), the GPU busy time per step (su
 durations) and the host time, then the kernels and host ops the probe adds, largest first. It
 answers "is this step bound by the host or the GPU, and what does the probe add to each".
 
-    python bench/probe_profile.py --preset small --batch 16 --seq 1024 [--compile] [--out DIR]
+    python bench/probe_profile.py --preset small --batch 16 --seq 1024 [--compile] [--set JSON] [--out DIR]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def measure(model, opt, batch, amp, probe, start, n):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="small")
+    p.add_argument("--set", default="{}", help="JSON model overrides, e.g. '{\"d_v\": 4, \"fused_delta\": true}'")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--steps", type=int, default=5)
@@ -61,8 +62,12 @@ def main() -> None:
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    try:
+        overrides = json.loads(args.set)
+        cfg = with_overrides(presets[args.preset], block_size=args.seq, **overrides)
+    except (ValueError, TypeError, KeyError) as e:  # bad JSON, an unknown preset or field, a bad value
+        p.error(f"--set: {e}")
     amp = torch.autocast("cuda", dtype=torch.bfloat16)
-    cfg = with_overrides(presets[args.preset], block_size=args.seq)
     torch.manual_seed(0)
     batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda")
     res, kernels = {}, {}
