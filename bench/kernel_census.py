@@ -16,7 +16,7 @@ Read it as a census, not a profile:
   embedding), is not counted as such; an in-place buffer counts once for its read and write.
 - Extern kernels (matmuls, attention) and custom ops (``ddl.fused``) count as launches with no bytes.
 
-    python bench/kernel_census.py --variants additive,ddl_dv4_fused,ddl_dv4_fused:fold [--batch 1] [--json F]
+    python bench/kernel_census.py --variants additive,ddl_dv4_fused,ddl_dv4_fused:fold [--batch 1] [--probe] [--json F]
 
 Needs ``triton`` importable (any build: nothing is compiled). Each variant runs in its own process.
 """
@@ -39,8 +39,9 @@ ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8, "i64": 8, "i32": 4, "i16
 LOG_PREFIX = re.compile(r"^[VIWE]\d{4} [\d:.]+ \d+ [\w/.]+:\d+\] \[[\d/]+\] \[__output_code\] ?", re.M)
 
 
-def generate(variant: str, preset: str, batch: int, seq: int) -> None:
-    """Worker: one compiled step of ``variant``, inductor's output code logged to stderr."""
+def generate(variant: str, preset: str, batch: int, seq: int, probe: bool = False) -> None:
+    """Worker: one compiled step of ``variant``, inductor's output code logged to stderr. ``probe``: with
+    a probe attached, collecting (a log step), so its statistics are in the graphs."""
     import torch
     import torch._inductor.async_compile as async_compile
     import torch._inductor.config as inductor_config
@@ -70,7 +71,12 @@ def generate(variant: str, preset: str, batch: int, seq: int) -> None:
     fused.supported = lambda X, h: True  # take the fused op where the variant asks; it runs its torch form
     torch.manual_seed(0)
     cfg = with_overrides(presets[preset], **throughput.config_of(variant), block_size=seq)
-    model = torch.compile(DDLModel(cfg))
+    model = DDLModel(cfg)
+    if probe:
+        from probes import MemorySink, Probe
+
+        Probe(model, every=1, sinks=[MemorySink()], host="thread")
+    model = torch.compile(model)
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
     with throughput.switched(variant):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -155,10 +161,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--top", type=int, default=12, help="kernel groups listed per graph")
     p.add_argument("--json", help="append one JSON line per variant to this file")
+    p.add_argument("--probe", action="store_true", help="a probe attached and collecting (stats every step)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        generate(args.worker, args.preset, args.batch, args.seq)
+        generate(args.worker, args.preset, args.batch, args.seq, args.probe)
         return
     try:
         import triton  # noqa: F401
@@ -172,13 +179,13 @@ def main() -> None:
     for name in names:
         with tempfile.TemporaryFile("w+") as err:
             cmd = [sys.executable, __file__, "--worker", name, "--preset", args.preset,
-                   "--batch", str(args.batch), "--seq", str(args.seq)]
+                   "--batch", str(args.batch), "--seq", str(args.seq), *(["--probe"] if args.probe else [])]
             rc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env).returncode
             err.seek(0)
             log = err.read()
         if rc != 0:
             sys.exit(f"{name}: the compiled step failed (exit {rc}):\n{log[-3000:]}")
-        res = summarise(name, log, args)
+        res = {**summarise(name, log, args), "probe": args.probe}
         rows.append(res)
         for part in ("forward", "backward"):
             r = res[part]

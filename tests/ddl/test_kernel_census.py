@@ -51,3 +51,18 @@ def test_census_counts_what_the_fold_removes(tmp_path):
     assert fold["backward"]["launches"] < plain["backward"]["launches"]
     assert fold["backward"]["triton_mb"] < plain["backward"]["triton_mb"]
     assert "fwd launches" in res.stdout
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the census needs triton importable (nothing is compiled)")
+def test_census_with_a_probe_shows_its_statistics_in_the_forward(tmp_path):
+    """--probe: a collecting probe's statistics compile into the forward graph (more launches, the fused op
+    kept); the backward is the model's alone."""
+    out = tmp_path / "census.jsonl"
+    for extra in ((), ("--probe",)):
+        res = census("--preset", "tiny", "--seq", "64", "--variants", "ddl_dv4_fused", "--json", str(out), *extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+    bare, probed = map(json.loads, out.read_text().splitlines())
+    assert (bare["probe"], probed["probe"]) == (False, True)
+    assert probed["forward"]["launches"] > bare["forward"]["launches"]
+    assert any("deltascope.delta_update.default" in k for k, _, _ in probed["forward"]["kernels"])
+    assert probed["backward"]["launches"] == bare["backward"]["launches"]
