@@ -106,15 +106,11 @@ def sweep_grad_w(n: int, d: int, iters: int, dv: int = 4) -> list[dict]:
     res = torch.randn(n, d, dv, device=dev, generator=g).to(torch.bfloat16)
     gy = torch.randn(n, d, device=dev, generator=g).to(torch.bfloat16)
     nbytes = (res.numel() + gy.numel()) * 2
-    rows, default = [], fk.GW_LAUNCH
-    try:
-        for launch in GW_LAUNCHES:
-            fk.GW_LAUNCH = launch
-            us = timed(lambda: fk._grad_w(gy, res, n, d, dv, 1 << (dv - 1).bit_length()).sum(0), iters)
-            rows.append({"d_v": dv, "kernels": "grad_w", "launch": "ranges={} tok={} block={} warps={}".format(*launch),
-                         "us": us, "tbs": nbytes / us / 1e6, "mb": nbytes / 1e6})
-    finally:
-        fk.GW_LAUNCH = default
+    rows = []
+    for launch in GW_LAUNCHES:
+        us = timed(lambda launch=launch: fk._grad_w(gy, res, launch).sum(0), iters)
+        rows.append({"d_v": dv, "kernels": "grad_w", "launch": "ranges={} tok={} block={} warps={}".format(*launch),
+                     "us": us, "tbs": nbytes / us / 1e6, "mb": nbytes / 1e6})
     return rows
 
 

@@ -5,7 +5,7 @@ Rows are tokens; a row's state is d x d_v, d_v innermost. d_v = 1 (``_fwd_kernel
 (``_fwd_chunk_kernel``): one token a program in two passes over ``BLOCK_C`` rows of its state at a time, the
 first for the reductions over d, the second, reading the rows again from cache, for the writes
 (``CHUNK_LAUNCH``). The update with the next CC readout folded in (``READ``, ``_fwd_tile_kernel``): a token's
-whole (d, d_v) tile in registers, one token a program or each program striding over tokens (``TILE_LAUNCH``),
+whole (d, d_v) tile in registers, one token a program or each program striding over tokens (``READ_LAUNCH``),
 making the readout or taking its gradient too. Every kernel reads its inputs from HBM once and writes its
 outputs once. Math and the backward derivation: ``ddl.fused``. Only long-stable Triton APIs (program_id,
 arange, masked load/store, sum, sqrt, loops, constexpr branches, calls of jit functions): the GPU machine runs
@@ -271,13 +271,13 @@ Measured on an H100 (16384 tokens, bf16 state, bench/fused_kernels.py, 2026-11-2
 117 us and backward 167 us, against 133 and 199 us for the one-tile kernels' best launch (one token under
 16 warps); 256 rows under 4 warps ran 116 and 175 us, 512 rows 164-187 and 250-272 us."""
 
-TILE_LAUNCH = {"forward": (1, 16), "backward": (1, 16), "forward_read": (1, 16)}
-"""d_v > 1: (tokens a program, warps) of each one-tile kernel for a 4096-element tile (d = 768, d_v = 4;
-warps scale with the tile); the plain update runs them only when a sweep's ``launch`` asks (CHUNK_LAUNCH is
-faster), the fold always. One token a program runs straight-line code, more loop over tokens. Measured on an
-H100 (16384 tokens, bf16 state, bench/fused_kernels.py): one token under 16 warps took 133 us forward and
-199 us backward; as a loop, 8 tokens under 4 warps took 160 and 255 us. The folded forward: one token under
-16 warps, 169 us, against 198 us for 8 tokens under 4 warps. The folded backward: READ_PROGRAMS, READ_WARPS."""
+READ_LAUNCH = (1, 16)
+"""The folded forward (the one-tile kernel with ``READ``): (tokens a program, warps) for a 4096-element tile
+(d = 768, d_v = 4; warps scale with the tile). One token a program runs straight-line code, more loop over
+tokens. Measured on an H100 (16384 tokens, bf16 state, bench/fused_kernels.py): one token under 16 warps,
+169 us, against 198 us for 8 tokens under 4 warps. The plain one-tile kernels run only where a sweep's
+``launch`` asks (CHUNK_LAUNCH is faster): one token under 16 warps took 133 us forward and 199 us backward;
+as a loop, 8 tokens under 4 warps took 160 and 255 us. The folded backward: READ_PROGRAMS, READ_WARPS."""
 
 
 def _tile_warps(warps: int, block_d: int, block_v: int) -> int:
@@ -315,16 +315,18 @@ def _regs(launch: tuple[int, ...] | None) -> dict:
 
 def _tile_launch(kernel: str, n: int, d: int, dv: int,
                  launch: tuple[int, ...] | None = None) -> tuple[int, int, int, int]:
-    """d_v > 1: (programs, BLOCK_D, BLOCK_V, num_warps) of ``kernel`` (a TILE_LAUNCH key, or "backward_read":
-    READ_PROGRAMS programs under READ_WARPS, or one token a program where READ_PROGRAMS is None). ``launch`` =
-    (tokens a program, warps) overrides it."""
+    """d_v > 1: (programs, BLOCK_D, BLOCK_V, num_warps) of a one-tile ``kernel``: ``launch`` = (tokens a
+    program, warps) where given (the plain kernels run only so); else "forward_read" by READ_LAUNCH, and
+    "backward_read" READ_PROGRAMS programs under READ_WARPS, or one token a program where READ_PROGRAMS is
+    None."""
     block_d, block_v = triton.next_power_of_2(d), triton.next_power_of_2(dv)
     if launch is not None:
         return max(1, triton.cdiv(n, launch[0])), block_d, block_v, launch[1]
     if kernel == "backward_read":
         programs = n if READ_PROGRAMS is None else min(n, READ_PROGRAMS)
         return max(1, programs), block_d, block_v, _tile_warps(READ_WARPS, block_d, block_v)
-    tokens, warps = TILE_LAUNCH[kernel]
+    assert kernel == "forward_read", kernel
+    tokens, warps = READ_LAUNCH
     return max(1, triton.cdiv(n, tokens)), block_d, block_v, _tile_warps(warps, block_d, block_v)
 
 
@@ -427,13 +429,16 @@ def _backward(g, gy, X, out, h, v, beta, W, rnorm, p, launch):
     if not read:
         return gX, gh, gv, gbeta, None
     if not strided:
-        gw = _grad_w(gy, out, n, d, dv, block_v)
+        gw = _grad_w(gy, out)
     return gX, gh, gv, gbeta, gw.sum(0)
 
 
-def _grad_w(gy: torch.Tensor, out: torch.Tensor, n: int, d: int, dv: int, block_v: int) -> torch.Tensor:
-    """(ranges, d, d_v) fp32 partials of grad W = sum_t gy[t, i] out[t, i, j], by ``_gw_kernel``."""
-    ranges, tok, block_f, warps = GW_LAUNCH
+def _grad_w(gy: torch.Tensor, out: torch.Tensor, launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """(ranges, d, d_v) fp32 partials of grad W = sum_t gy[t, i] out[t, i, j] for gy (n, d) and out
+    (n, d, d_v), by ``_gw_kernel`` under ``launch`` (GW_LAUNCH's form; GW_LAUNCH where None)."""
+    n, d, dv = out.shape
+    block_v = triton.next_power_of_2(dv)
+    ranges, tok, block_f, warps = GW_LAUNCH if launch is None else launch
     chunk = triton.cdiv(n, max(1, min(ranges, n)))
     ranges = triton.cdiv(n, chunk)
     block_f = max(block_v, min(block_f, triton.next_power_of_2(d) * block_v))
