@@ -40,8 +40,7 @@ def timed(fn, n: int) -> float:
 
 def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = False) -> list[dict]:
     """read: the folded kernels (forward_read / backward_read), which also make the next readout y and
-    take its gradient gy: several tokens a program sum grad W as they go; one token a program (rows=1)
-    leaves it to a second kernel, timed with the backward."""
+    join its gradient gy to the state's (grad W is summed beside them, by inductor in a compiled model)."""
     from ddl import _fused_kernels as fk
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,14 +63,17 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
 
     def bwd(launch):
         if read:
-            return fk.backward_read(gout, gy, X, res, h, v, beta, W, rnorm, pp, launch)
+            return fk.backward_read(gout, gy, X, h, v, beta, W, rnorm, pp, launch)
         return fk.backward(gout, X, h, v, beta, rnorm, pp, launch)
     block_d = 1 << (d - 1).bit_length()
-    launches = ([(r, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8, 16) if r * block_d // w >= 32]
-                if dv == 1 else [(r, w) for r in ((1, 4, 8, 16, 32) if read else (1, 2, 4, 8)) for w in (2, 4, 8, 16)])
-    if dv > 1 and torch.cuda.is_available():  # one token under 16 warps, capped at 64 registers: two programs an SM
-        launches.append((1, 16, 64))
-    if dv > 1 and not read:
+    if dv == 1:
+        launches = [(r, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8, 16) if r * block_d // w >= 32]
+    elif read:  # the one-tile kernels' best two (as references), then the two-pass ones
+        launches = [(1, 16), (16, 8)] + [("chunk", c, w) for c in (64, 128, 256) for w in (2, 4) if c * 4 >= 32 * w]
+    else:
+        launches = [(r, w) for r in (1, 2, 4, 8) for w in (2, 4, 8, 16)]
+        if torch.cuda.is_available():  # one token under 16 warps, capped at 64 registers: two programs an SM
+            launches.append((1, 16, 64))
         launches += [("chunk", c, w) for c in (64, 128, 256, 512) for w in (2, 4, 8) if c * 4 >= 32 * w]
     out = []
     for launch in [None, *launches]:
@@ -92,28 +94,6 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
     return out
 
 
-GW_LAUNCHES = [(128, 8, 1024, 8), (512, 8, 1024, 4), (1024, 16, 1024, 8), (1024, 8, 512, 4), (2048, 8, 1024, 8),
-               (4096, 4, 1024, 4), (256, 16, 512, 4)]
-
-
-def sweep_grad_w(n: int, d: int, iters: int, dv: int = 4) -> list[dict]:
-    """The folded backward's second kernel alone (one token a program leaves grad W to it) under each
-    GW_LAUNCH candidate: (token ranges, tokens a step, tile entries a program, warps)."""
-    from ddl import _fused_kernels as fk
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator(device=dev).manual_seed(0)
-    res = torch.randn(n, d, dv, device=dev, generator=g).to(torch.bfloat16)
-    gy = torch.randn(n, d, device=dev, generator=g).to(torch.bfloat16)
-    nbytes = (res.numel() + gy.numel()) * 2
-    rows = []
-    for launch in GW_LAUNCHES:
-        us = timed(lambda launch=launch: fk._grad_w(gy, res, launch).sum(0), iters)
-        rows.append({"d_v": dv, "kernels": "grad_w", "launch": "ranges={} tok={} block={} warps={}".format(*launch),
-                     "us": us, "tbs": nbytes / us / 1e6, "mb": nbytes / 1e6})
-    return rows
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=16384)
@@ -126,11 +106,10 @@ def main() -> None:
     n, d = args.tokens, args.d
     rows_out = (sweep(1, torch.float32, n, d, args.iters) + sweep(4, torch.bfloat16, n, d, args.iters)
                 + sweep(4, torch.bfloat16, n, d, args.iters, read=True))
-    gw_rows = sweep_grad_w(n, d, args.iters)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter)"
     if args.json:
         with open(args.json, "a") as f:
-            for r in rows_out + gw_rows:
+            for r in rows_out:
                 f.write(json.dumps({**r, "tokens": n, "d": d, "device": name,
                                     "torch": torch.__version__}) + "\n")
     print(f"\n{name} torch {torch.__version__}, {n} tokens, d = {d}")
@@ -139,9 +118,6 @@ def main() -> None:
         kind = "read" if r["read"] else "plain"
         print(f"{r['d_v']:>3}  {kind:<8}{r['launch']:<24}{r['fwd_us']:>9.1f}{r['fwd_tbs']:>7.2f}"
               f"{r['bwd_us']:>9.1f}{r['bwd_tbs']:>7.2f}")
-    print("the folded backward's grad W kernel alone (with the partials' sum), one token a program:")
-    for r in gw_rows:
-        print(f"{r['d_v']:>3}  {'grad_w':<8}{r['launch']:<40}{r['us']:>9.1f}{r['tbs']:>7.2f}")
 
 
 if __name__ == "__main__":

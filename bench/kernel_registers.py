@@ -27,12 +27,14 @@ KERNELS = {  # name: (kernel, d_v, constexpr settings swept besides BLOCK_D / BL
     "backward": ("_bwd_tile_kernel", 4, {"READ": False}),
     "forward_read": ("_fwd_tile_kernel", 4, {"READ": True}),
     "backward_read": ("_bwd_tile_kernel", 4, {"READ": True}),
-    "forward_chunk": ("_fwd_chunk_kernel", 4, {}),
-    "backward_chunk": ("_bwd_chunk_kernel", 4, {}),
+    "forward_chunk": ("_fwd_chunk_kernel", 4, {"READ": False}),
+    "backward_chunk": ("_bwd_chunk_kernel", 4, {"READ": False}),
+    "forward_chunk_read": ("_fwd_chunk_kernel", 4, {"READ": True}),
+    "backward_chunk_read": ("_bwd_chunk_kernel", 4, {"READ": True}),
     "forward_dv1": ("_fwd_kernel", 1, {}),
     "backward_dv1": ("_bwd_kernel", 1, {}),
 }
-FP32 = {"V", "BETA", "RNORM", "P", "GV", "GBETA", "GW"}  # always fp32; the rest follows the state or h
+FP32 = {"V", "BETA", "RNORM", "P", "GV", "GBETA"}  # always fp32; the rest follows the state or h
 
 
 def signature(fn, dv: int, constexprs: dict) -> dict:
@@ -121,8 +123,6 @@ def main() -> None:
         for shape in shapes:
             for w in warps:
                 c = {**fixed, **shape}
-                if "SUM_W" in fn.arg_names:  # the folded backward's loop sums grad W itself
-                    c["SUM_W"] = c["READ"] and c["STRIDED"]
                 rows.append({"kernel": name, "d": args.d, "warps": w,
                              **{k.lower(): v for k, v in c.items()}, **report(fn, dv, c, w)})
     if args.json:
@@ -130,13 +130,13 @@ def main() -> None:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     print(f"sm_90a, d = {args.d}; registers a thread, bytes spilled, programs a multiprocessor holds")
-    print(f"{'kernel':<15}{'launch':<18}{'warps':>6}{'regs':>6}{'spill':>7}{'per SM':>8}")
+    print(f"{'kernel':<20}{'launch':<18}{'warps':>6}{'regs':>6}{'spill':>7}{'per SM':>8}")
     for r in rows:
         if "block_c" in r:
             launch = f"{r['block_c']} rows a pass"
         else:
             launch = ("loop" if r["strided"] else "one token") if "strided" in r else f"{r['rows']} rows"
-        print(f"{r['kernel']:<15}{launch:<18}{r['warps']:>6}{r['registers']:>6}{r['spill_bytes']:>7}"
+        print(f"{r['kernel']:<20}{launch:<18}{r['warps']:>6}{r['registers']:>6}{r['spill_bytes']:>7}"
               f"{r['blocks_per_sm']:>8}")
 
 

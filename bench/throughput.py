@@ -14,8 +14,9 @@ the two in turn and prints both.
 
 A variant name may carry a suffix that flips a code path for it alone, for an A/B in one process:
 ``:gemv`` runs ``NarrowLinear`` as a plain ``nn.Linear`` (the gate and value heads as GEMV launches,
-as before they were written as reductions); ``:fold`` sets ``ddl.fused.FOLD_READOUT`` (each fused
-update also makes the next CC readout), e.g. ``ddl_dv4_fused:fold``.
+as before they were written as reductions); ``:fold`` and ``:nofold`` set ``ddl.fused.FOLD_READOUT`` to True
+and False (each fused update also makes the next CC readout, or none does; by default it does when compiled),
+e.g. ``ddl_dv4_fused:nofold``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ VARIANTS = {
 }
 
 
-SUFFIXES = ("gemv", "fold")
+SUFFIXES = ("gemv", "fold", "nofold")
 
 
 def variant_names(spec: str) -> list[str]:
@@ -69,7 +70,7 @@ def switched(name: str):
     forward, fold = layers.NarrowLinear.forward, fused.FOLD_READOUT
     if suffix == "gemv":
         layers.NarrowLinear.forward = nn.Linear.forward
-    fused.FOLD_READOUT = suffix == "fold"
+    fused.FOLD_READOUT = {"fold": True, "nofold": False}.get(suffix, fold)
     try:
         yield
     finally:

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from ddl import DDLModel, presets, with_overrides
 
 GROUPS = (  # first match wins; lower-case substrings of the kernel name
-    ("ddl.fused", ("_fwd_kernel", "_bwd_kernel", "_fwd_tile", "_bwd_tile", "_fwd_chunk", "_bwd_chunk", "_gw_kernel")),
+    ("ddl.fused", ("_fwd_kernel", "_bwd_kernel", "_fwd_tile", "_bwd_tile", "_fwd_chunk", "_bwd_chunk")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("gemv", ("gemv", "gemvx", "dot_kernel", "splitkreduce")),
     ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "sm90", "sm80", "ampere", "hopper")),

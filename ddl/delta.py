@@ -176,12 +176,12 @@ class DeltaResidual(nn.Module):
         """(X', read(X')) from one fused op, the next sublayer's CC readout folded into the update; or
         None where the fold does not apply, and the caller runs ``self`` and ``read`` as modules.
 
-        It applies with ``fused.FOLD_READOUT`` (experimental, off by default) and ``cfg.fused_delta``, for
+        It applies with ``fused.fold_readout()`` (by default, inside ``torch.compile``) and ``cfg.fused_delta``, for
         d_v > 1, geometry 'k_map', a CC compressor as ``read``, the fused op supported for X, no hook
         on ``read``, and only observers (:func:`observes`) on this module, its ``k_dir`` and ``write``,
         which are called here as the unfused modules would call them. Whatever another hook would see
         runs unfused, as ever."""
-        if not (fused.FOLD_READOUT and self.d_v > 1 and self.geometry == "k_map" and isinstance(read, CCCompressor)
+        if not (fused.fold_readout() and self.d_v > 1 and self.geometry == "k_map" and isinstance(read, CCCompressor)
                 and self._fuse(X, h) and _observed(self) and not (read._forward_hooks or read._forward_pre_hooks)):
             return None
         v, beta = self._value(c, u), self.beta_gate(c)

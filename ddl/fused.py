@@ -26,10 +26,10 @@ one node. They run the Triton kernels on CUDA (or on CPU tensors under TRITON_IN
 same formulas in PyTorch elsewhere, so the op and its hand-written backward are checked on machines
 without triton. Triton is imported on the first launch only: ``import ddl.fused`` works without it.
 
-``delta_update_read`` (d_v > 1, experimental, behind ``FOLD_READOUT``) also returns the next sublayer's
-CC readout y = sum_j W[:, j] out[:, j] of its result; its backward takes y's gradient gy, adds gy W^T to
-the state's gradient in registers, and sums grad W = sum_t gy_t out_t: per program over a stride of tokens
-(out recomputed in registers), or, one token a program, in a second kernel that reads out again.
+``delta_update_read`` (d_v > 1, under ``torch.compile`` by default: ``FOLD_READOUT``) also returns the next sublayer's
+CC readout y = sum_j W[:, j] out[:, j] of its result; its backward takes y's gradient gy and adds gy W^T to
+the state's gradient in registers. grad W = sum_t gy_t out_t is a product and a sum beside the op, which
+inductor fuses with its neighbours.
 """
 
 from __future__ import annotations
@@ -170,13 +170,19 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # -- the update with the next readout folded in (d_v > 1, a CC compressor next) ----------------------
-FOLD_READOUT = False
-"""Experimental, off: with ``fused_delta`` and a CC compressor, each update also computes the next
-sublayer's readout (``DeltaResidual.update_and_read``), so the readout reads no state of its own, forward
-or backward. On an H100 (small preset, docs/PERFORMANCE.md) it ran 0.680x against the unfolded op's
-0.678x, then 0.669x against 0.703x, at 1 GiB more peak memory; the unfolded op's two-pass kernels (0.720x)
-are faster than the fold's one-tile ones. ``bench/throughput.py`` and ``bench/throughput_profile.py`` time
-it with the variant suffix, e.g. ``ddl_dv4_fused:fold``."""
+FOLD_READOUT: bool | None = None
+"""Whether, with ``fused_delta`` and a CC compressor, each update also computes the next sublayer's readout
+(``DeltaResidual.update_and_read``): True always, False never, None (the default) inside ``torch.compile``
+only. The fold's backward leaves grad W = sum_t gy_t out_t to a product and a sum, which inductor fuses into
+the kernel that makes gy; eagerly that product would be a state-sized fp32 temporary. On an H100 (small
+preset, d_v = 4, docs/PERFORMANCE.md) the folded step ran 0.759x the additive baseline's tokens/s against the
+unfolded op's 0.722x, at 1.1 GiB more peak memory (the update's result is kept for grad W).
+``bench/throughput.py`` sets it with the variant suffixes ``:fold`` and ``:nofold``."""
+
+
+def fold_readout() -> bool:
+    """FOLD_READOUT resolved for the code now running (None: whether it is being compiled)."""
+    return torch.compiler.is_compiling() if FOLD_READOUT is None else FOLD_READOUT
 
 
 def delta_update_read_reference(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
@@ -221,28 +227,24 @@ def _(X, h, v, beta, W, eps):
 
 
 @torch.library.custom_op("deltascope::delta_update_read_backward", mutates_args=())
-def _op_read_backward(g: Tensor, gy: Tensor, X: Tensor, out: Tensor, h: Tensor, v: Tensor, beta: Tensor,
-                      W: Tensor, rnorm: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad_X, grad_h, grad_v, grad_beta, grad_W), each in its input's dtype (v, beta fp32); ``out`` is the
-    forward's result (it is the next site's input, so saving it costs no memory)."""
+def _op_read_backward(g: Tensor, gy: Tensor, X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
+                      rnorm: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (grad_X, grad_h, grad_v, grad_beta), each in its input's dtype (v, beta fp32), the readout's gradient gy
+    joined to the state's as g + gy W^T. grad W is not here: see :func:`_backward_read`."""
     d, dv = X.shape[-2:]
     if X.numel() == 0 or not _use_triton(X):
-        w32 = W.float()
-        gX, gh, gv, gbeta = _backward_torch(g.float() + gy.float().unsqueeze(-1) * w32, X, h, v, beta, rnorm, p)
-        gW = (gy.float().unsqueeze(-1) * out.float()).reshape(-1, d, dv).sum(0)
-        return gX, gh, gv, gbeta, gW.to(W.dtype)
+        return _backward_torch(g.float() + gy.float().unsqueeze(-1) * W.float(), X, h, v, beta, rnorm, p)
     from ddl import _fused_kernels
 
-    gX, gh, gv, gbeta, gW = _fused_kernels.backward_read(
-        _rows(g, d, dv), _rows(gy, d), _rows(X, d, dv), _rows(out, d, dv), _rows(h, d), _rows(v, dv),
-        _rows(beta, 1), W.contiguous(), _rows(rnorm, 1), _rows(p, dv))
-    return gX.view(X.shape), gh.view(h.shape), gv.view(v.shape), gbeta.view(beta.shape), gW.to(W.dtype)
+    gX, gh, gv, gbeta = _fused_kernels.backward_read(
+        _rows(g, d, dv), _rows(gy, d), _rows(X, d, dv), _rows(h, d), _rows(v, dv), _rows(beta, 1), W.contiguous(),
+        _rows(rnorm, 1), _rows(p, dv))
+    return gX.view(X.shape), gh.view(h.shape), gv.view(v.shape), gbeta.view(beta.shape)
 
 
 @_op_read_backward.register_fake
-def _(g, gy, X, out, h, v, beta, W, rnorm, p):
-    return (X.new_empty(X.shape), h.new_empty(h.shape), v.new_empty(v.shape), beta.new_empty(beta.shape),
-            W.new_empty(W.shape))
+def _(g, gy, X, h, v, beta, W, rnorm, p):
+    return X.new_empty(X.shape), h.new_empty(h.shape), v.new_empty(v.shape), beta.new_empty(beta.shape)
 
 
 def _setup_read(ctx, inputs, output):
@@ -253,12 +255,16 @@ def _setup_read(ctx, inputs, output):
 
 
 def _backward_read(ctx, grad_out, grad_y, _grad_rnorm, _grad_p):
+    """grad W = sum_t gy_t out_t is a product and a sum outside the op: compiled, inductor fuses it into the
+    kernel that makes gy (the next sublayer's norm backward), as it does for the unfolded readout. Summed in
+    the kernels, it cost more than it saved (``ddl._fused_kernels.CHUNK_LAUNCH``). ``out`` is the forward's
+    result; it is the next site's input, so saving it here keeps it no longer than autograd would anyway."""
     X, out, h, v, beta, W, rnorm, p = ctx.saved_tensors
     grad_out = torch.zeros_like(X) if grad_out is None else grad_out
     grad_y = torch.zeros_like(h, dtype=X.dtype) if grad_y is None else grad_y
-    gX, gh, gv, gbeta, gW = torch.ops.deltascope.delta_update_read_backward(grad_out, grad_y, X, out, h, v, beta,
-                                                                             W, rnorm, p)
-    return gX, gh, gv, gbeta, gW, None
+    gX, gh, gv, gbeta = torch.ops.deltascope.delta_update_read_backward(grad_out, grad_y, X, h, v, beta, W, rnorm, p)
+    gW = (grad_y.float().unsqueeze(-1) * out.float()).sum(tuple(range(out.dim() - 2)))
+    return gX, gh, gv, gbeta, gW.to(W.dtype), None
 
 
 _op_read.register_autograd(_backward_read, setup_context=_setup_read)

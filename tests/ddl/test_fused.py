@@ -9,6 +9,7 @@ run the kernels compiled, on CUDA. d_v = 1 (a d-vector state, its own multi-row 
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -393,15 +394,23 @@ def op_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 @pytest.mark.slow
 @pytest.mark.parametrize("d_v", [1, 4])
 def test_compiled_fullgraph_keeps_the_op_and_matches_eager(impl, monkeypatch, d_v):
-    """One graph, the op in it once per site, and eager's unfused loss and grads (aot_eager on CPU)."""
+    """One graph, the op in it once per site, and eager's unfused loss and grads (aot_eager on CPU). By
+    default (FOLD_READOUT None) a compiled d_v > 1 model folds every CC readout into the update before it,
+    and the same model run eagerly folds none."""
     monkeypatch.setattr(fused, "supported", lambda X, h: True)
+    assert fused.FOLD_READOUT is None
     torch._dynamo.reset()
     plain, twin = models(d_v=d_v)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(twin, fullgraph=True, backend=counter)  # a graph break raises
     (la, ga, _), (lb, gb, _) = train_step(plain), train_step(compiled)
     assert counter.frame_count == 1
-    assert len(op_nodes(counter.graphs[0])) == 2 * SMALL["n_layer"]
+    nodes = op_nodes(counter.graphs[0])
+    assert len(nodes) == 2 * SMALL["n_layer"]
+    assert sum("read" in str(n.target) for n in nodes) == (len(nodes) if d_v > 1 else 0)
+    with OpCalls() as calls:
+        twin(torch.randint(0, 97, (2, 16)))
+    assert calls.n == 2 * SMALL["n_layer"] and calls.folded == 0
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6)
@@ -447,14 +456,17 @@ def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp, d_v, fold):
     """Inductor keeps the op, one graph; loss and grads match the unfused model.
 
     fp32 (TF32 off): against the eager model; the two differ only by fp32 rounding orders, 1e-4
-    relative on the grads. bf16 autocast: against the unfused model compiled the same way, since
-    inductor and eager round the bf16 matmuls differently (the tied embedding's grad differed by
-    5.5% from eager's on the H100); 2e-2 on the loss and 5e-2 on each grad's norm of difference,
-    relative to its norm, leave room for the op's own bf16 roundings."""
+    relative on the grads. bf16 autocast: the loss within 2e-2 of the unfused model compiled the same way
+    (inductor and eager round the bf16 matmuls differently); each grad within twice the unfused bf16
+    model's distance from the fp32 model's grad, plus 2e-2 of its norm. Small grads that sum many cancelling
+    terms (the gate and value biases, the compressors' read vectors) sit 5-12% from fp32 in every bf16
+    model, and two rounding orders differ by up to 2x there: on an H100 the final readout's read vector was
+    0.058 from fp32 unfused, 0.062 fused and 0.102 fused with the fold; a wrong gradient is O(1) off."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(fused, "FOLD_READOUT", fold)
     torch._dynamo.reset()
     plain, twin = (m.cuda() for m in models(block_size=64, d_v=d_v))
+    exact = copy.deepcopy(plain)
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(twin, fullgraph=True, backend=counter)
     idx = torch.randint(0, 97, (4, 64), generator=torch.Generator().manual_seed(5)).cuda()
@@ -473,9 +485,10 @@ def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp, d_v, fold):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
         return
     torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=0)
-    for (n, a), b in zip(plain.named_parameters(), twin.parameters(), strict=True):
-        rel = ((b.grad - a.grad).norm() / a.grad.norm()).item()
-        assert rel < 5e-2, f"{n}: relative grad difference {rel:.3g}"
+    exact(idx, idx.roll(-1, 1))[1].backward()
+    for (n, e), a, b in zip(exact.named_parameters(), plain.parameters(), twin.parameters(), strict=True):
+        unfused, fused_ = ((x.grad - e.grad).norm().item() / e.grad.norm().item() for x in (a, b))
+        assert fused_ <= 2 * unfused + 2e-2, f"{n}: {fused_:.3g} from fp32, the unfused model {unfused:.3g}"
 
 
 @pytest.mark.gpu
@@ -491,19 +504,19 @@ def test_cuda_model_takes_the_fused_op(d_v):
 
 @pytest.mark.gpu
 @cuda_kernels
-@pytest.mark.parametrize("programs", [37, None])
+@pytest.mark.parametrize("launch", [None, ("chunk", 64, 4), (16, 8), (1, 16)])
 @pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:3], ids=dtype_ids[:3])
-def test_cuda_folded_readout_matches_float64(monkeypatch, x_dtype, h_dtype, programs):
-    """The small model's shape, d = 768 and d_v = 4, over more tokens than the backward has programs (37: a
-    loop summing grad W as it goes; None: one token a program, grad W by a second kernel)."""
-    from ddl import _fused_kernels
-
-    monkeypatch.setattr(_fused_kernels, "READ_PROGRAMS", programs)
+def test_cuda_folded_readout_matches_float64(x_dtype, h_dtype, launch):
+    """The small model's shape, d = 768 and d_v = 4: the op (its default launch), and the kernels under other
+    launches: two passes over 64 rows, the one-tile kernels as a loop and one token a program."""
     t, g = inputs((3, 50), 768, 4, x_dtype, h_dtype, device="cuda")
     W = torch.randn(768, 4, device="cuda").requires_grad_()
     gy = torch.randn(3, 50, 768, device="cuda").to(x_dtype)
-    out, y = fused.delta_update_read(t["X"], t["h"], t["v"], t["beta"], W, EPS)
-    grads = torch.autograd.grad((out, y), [*t.values(), W], (g, gy))
+    if launch is None:
+        out, y = fused.delta_update_read(t["X"], t["h"], t["v"], t["beta"], W, EPS)
+        grads = torch.autograd.grad((out, y), [*t.values(), W], (g, gy))
+    else:
+        out, y, grads = folded_by_kernels(t, W, g, gy, launch)
     ref = [x.detach().double().requires_grad_() for x in (*t.values(), W)]
     Wr = ref[-1].to(x_dtype).double()
     want_out = naive64(*ref[:4])
@@ -538,10 +551,11 @@ def test_launch_shapes_give_the_default_result(d_v, launch):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
-@pytest.mark.parametrize("launch", [(1, 2), (3, 4), (16, 8)])
+@pytest.mark.parametrize("launch", [(1, 2), (3, 4), (16, 8), ("chunk", 4, 1), ("chunk", 16, 2)])
 def test_folded_launch_shapes_give_the_default_result(launch):
-    """The folded kernels, one token a program (straight-line) or several (a loop, grad W summed per
-    program), compute what their default launch does."""
+    """The folded kernels under other launches compute what their default launch (two passes) does: the
+    one-tile kernels one token a program (straight-line) or several (a loop), the two-pass ones with other
+    rows a pass."""
     from ddl import _fused_kernels as fk
 
     n, d, d_v = 11, 13, 4
@@ -553,8 +567,8 @@ def test_folded_launch_shapes_give_the_default_result(launch):
     got = fk.forward_read(X, h, v, beta, W, EPS, launch)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    wb = fk.backward_read(gout, gy, X, want[0], h, v, beta, W, want[2], want[3])
-    gb = fk.backward_read(gout, gy, X, want[0], h, v, beta, W, want[2], want[3], launch)
+    wb = fk.backward_read(gout, gy, X, h, v, beta, W, want[2], want[3])
+    gb = fk.backward_read(gout, gy, X, h, v, beta, W, want[2], want[3], launch)
     for a, b in zip(gb, wb, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -574,9 +588,6 @@ def test_kernel_benchmark_runs_under_the_interpreter(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(root)})
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    gw = [r for r in rows if r.get("kernels") == "grad_w"]
-    rows = [r for r in rows if r.get("kernels") != "grad_w"]
-    assert len(gw) >= 2 and all(r["us"] > 0 and r["mb"] > 0 for r in gw)
     assert {(r["d_v"], r["read"]) for r in rows} == {(1, False), (4, False), (4, True)}
     assert all(r["fwd_us"] > 0 and r["bwd_us"] > 0 and r["fwd_mb"] > 0 for r in rows)
     assert "d_v  kernels launch" in res.stdout
@@ -639,25 +650,34 @@ def test_a_hooked_reader_or_site_keeps_its_fold_off(monkeypatch, hooked):
     assert calls.n == 2 * SMALL["n_layer"] and calls.folded == 2 * SMALL["n_layer"] - unfolded
 
 
-@pytest.mark.parametrize(("programs", "gw_launch"), [(1, None), (3, None), (1024, None), (None, None),
-                                                     (None, (3, 4, 16, 1)), (None, (64, 1, 4, 1))])
-def test_folded_backward_sums_across_programs(impl, monkeypatch, programs, gw_launch):
-    """Each backward program strides over tokens and sums its share of grad W; any count gives one sum. One
-    token a program (None) leaves grad W to a second kernel, whose token ranges and column blocks need not
-    divide the tokens and the tile."""
-    if impl == "triton":
-        from ddl import _fused_kernels
+def folded_by_kernels(t: dict, W: torch.Tensor, g: torch.Tensor, gy: torch.Tensor, launch):
+    """(out, y, [grad X, h, v, beta, W]) of delta_update_read's kernels under ``launch``."""
+    from ddl import _fused_kernels as fk
 
-        monkeypatch.setattr(_fused_kernels, "READ_PROGRAMS", programs)
-        if gw_launch is not None:
-            monkeypatch.setattr(_fused_kernels, "GW_LAUNCH", gw_launch)
-    elif programs != 1:
+    X, h, v, beta = (x.detach() for x in t.values())
+    d, dv = X.shape[-2:]
+    rows = (X.reshape(-1, d, dv), h.reshape(-1, d), v.reshape(-1, dv), beta.reshape(-1, 1))
+    out, y, rnorm, p = fk.forward_read(*rows, W.detach().to(X.dtype), EPS, launch)
+    grads = fk.backward_read(g.reshape(-1, d, dv), gy.reshape(-1, d), *rows, W.detach().to(X.dtype), rnorm, p, launch)
+    gW = (gy.reshape(-1, d, 1).float() * out.float()).sum(0)  # the op's autograd sums grad W so, beside the kernels
+    return (out.view(X.shape), y.view(h.shape),
+            [a.view(x.shape) for a, x in zip(grads, t.values(), strict=True)] + [gW])
+
+
+@pytest.mark.parametrize("launch", [None, ("chunk", 4, 1), ("chunk", 16, 2), (3, 4), (1, 4)])
+def test_folded_launches_match_float64(impl, launch):
+    """The folded kernels under each kind of launch: two passes over row blocks (the default, and other rows a
+    pass), and the one-tile kernels as a loop over tokens (3, 4) or one token a program (1, 4)."""
+    if impl == "torch" and launch is not None:
         pytest.skip("launch shapes exist only for the Triton kernels")
     t, g = inputs((2, 7), 13, 4)
     W = torch.randn(13, 4, generator=torch.Generator().manual_seed(3)).requires_grad_()
-    out, y = fused.delta_update_read(t["X"], t["h"], t["v"], t["beta"], W, EPS)
-    gy = torch.ones_like(y)
-    got = torch.autograd.grad((out, y), [*t.values(), W], (g, gy))
+    gy = torch.ones(2, 7, 13)
+    if launch is None:
+        out, y = fused.delta_update_read(t["X"], t["h"], t["v"], t["beta"], W, EPS)
+        got = torch.autograd.grad((out, y), [*t.values(), W], (g, gy))
+    else:
+        got = folded_by_kernels(t, W, g, gy, launch)[2]
     ref = [x.detach().double().requires_grad_() for x in (*t.values(), W)]
     want_out = naive64(*ref[:4])
     want = torch.autograd.grad((want_out, (want_out * ref[-1]).sum(-1)), ref, (g.double(), gy.double()))
@@ -683,7 +703,7 @@ def test_folded_model_step_matches_unfused(impl, monkeypatch, kw):
 
 
 def test_benchmark_variant_switches_flip_the_code_path_and_restore_it(monkeypatch):
-    """bench/throughput.py's ':gemv' and ':fold' suffixes: the switch holds inside the block only."""
+    """bench/throughput.py's ':gemv', ':fold' and ':nofold' suffixes: the switch holds inside the block only."""
     import sys
     from pathlib import Path
 
@@ -694,9 +714,10 @@ def test_benchmark_variant_switches_flip_the_code_path_and_restore_it(monkeypatc
     import throughput
 
     assert throughput.config_of("ddl_dv4_fused:fold") == throughput.VARIANTS["ddl_dv4_fused"]
-    with throughput.switched("ddl_dv4_fused:fold"):
-        assert fused.FOLD_READOUT is True
-    assert fused.FOLD_READOUT is False
+    for suffix, want in (("fold", True), ("nofold", False), ("", None)):
+        with throughput.switched(f"ddl_dv4_fused:{suffix}" if suffix else "ddl_dv4_fused"):
+            assert fused.FOLD_READOUT is want
+        assert fused.FOLD_READOUT is None
     with throughput.switched("ddl_dv1:gemv"):
         assert layers.NarrowLinear.forward is torch.nn.Linear.forward
     assert layers.NarrowLinear.forward is not torch.nn.Linear.forward
