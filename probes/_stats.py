@@ -163,7 +163,7 @@ def write_block(v: torch.Tensor, p: torch.Tensor, beta: torch.Tensor, delta: tor
 
 
 def sites_block(
-    X: torch.Tensor, beta: torch.Tensor, logit: torch.Tensor | None, h: torch.Tensor, k: torch.Tensor,
+    xn: torch.Tensor, beta: torch.Tensor, logit: torch.Tensor | None, h: torch.Tensor, k: torch.Tensor,
     k_next: torch.Tensor, prev: torch.Tensor | None, chain: bool, n_pairs: int, v: torch.Tensor,
     p: torch.Tensor, beta_w: torch.Tensor, delta: torch.Tensor, stride: int, beta_max: float,
     identity_below: float, projection_band: float, reflection_above: float, logit_saturation: float,
@@ -171,8 +171,8 @@ def sites_block(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """S sites' forward pass -> (their sum blocks in ``_layout`` order, (S, width); maxima (S, 3)).
 
-    Every input has a leading site axis; X, h, k, k_next and prev are already sampled
-    (:func:`sample`), the (B, T, 1..d_v) ones are whole.
+    Every input has a leading site axis; xn (the per-token norm of the state, :func:`x_norm`), h, k,
+    k_next and prev are already sampled (:func:`sample`), the (B, T, 1..d_v) ones are whole.
     """
     S = k.shape[0]
     zeros2 = torch.zeros(S, 2, dtype=dtype, device=k.device)
@@ -181,7 +181,7 @@ def sites_block(
         beta_block(beta, beta_max, identity_below, projection_band, reflection_above, dtype),
         zeros2 if logit is None else logit_block(logit, logit_saturation, dtype),
         zeros2 if layer is None else layer,
-        write_block(v, p, beta_w, delta, x_norm(X), stride, dtype),
+        write_block(v, p, beta_w, delta, xn, stride, dtype),
         zeros2,  # PROBE_SLOTS: the probe batch run
         run_k,
     ], dim=1), mx
@@ -198,11 +198,14 @@ def stacked_block(
     :func:`sites_block` over them stacked along a site axis (each site sampled as
     :func:`site_block` samples it). ``beta`` is the write's input, which serves as the gate's
     output too. Compiled as one function, the sampling and the stacking are inductor's to fuse
-    into the statistics, instead of copies made before the call."""
+    into the statistics, instead of copies made before the call. The state, the largest of them ((B, T,
+    d, d_v) a site), is reduced to its per-token norms site by site first: stacked, its sample would be
+    copied once more before the norms read it."""
     sampled = [sample(Xi, hi, ki, None, stride) for Xi, hi, ki in zip(X, h, k, strict=True)]
-    Xs, hs, ks, kn = (torch.cat(col) for col in list(zip(*sampled, strict=True))[:4])
-    b = torch.stack(beta)
-    return sites_block(Xs, b, None if logit is None else torch.stack(logit), hs, ks, kn, None, True,
+    Xs, hs, ks, kn = list(zip(*sampled, strict=True))[:4]
+    hs, ks, kn = (torch.cat(col) for col in (hs, ks, kn))
+    b, xn = torch.stack(beta), torch.cat([x_norm(x) for x in Xs])
+    return sites_block(xn, b, None if logit is None else torch.stack(logit), hs, ks, kn, None, True,
                        sampled[0][5], torch.stack(v), torch.stack(p), b, torch.stack(delta), stride, beta_max,
                        identity_below, projection_band, reflection_above, logit_saturation, dtype)
 
@@ -217,7 +220,7 @@ def site_block(
     its maxima), flat. One call per site per log step; inside a compiled model it is inlined."""
     Xs, hs, ks, kn, ps, n_pairs = sample(X, h, k, prev, stride)
     one = lambda x: x.unsqueeze(0)  # noqa: E731
-    block, mx = sites_block(Xs, one(beta), None if logit is None else one(logit), hs, ks, kn, ps, False,
+    block, mx = sites_block(x_norm(Xs), one(beta), None if logit is None else one(logit), hs, ks, kn, ps, False,
                             n_pairs, one(v), one(p), one(beta_w), one(delta), stride, beta_max,
                             identity_below, projection_band, reflection_above, logit_saturation, dtype)
     return block[0], mx[0]
