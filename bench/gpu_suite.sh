@@ -17,11 +17,11 @@ if [[ $what == throughput || $what == all ]]; then
 fi
 if [[ $what == ratios || $what == all ]]; then
   python3 bench/throughput.py --preset small --batch 16 --seq 1024 --steps 30 --compile --sync both \
-    --variants additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_fused:fold --json "$OUT/ratios.jsonl"
+    --variants additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_fused:nofold --json "$OUT/ratios.jsonl"
 fi
 if [[ $what == kernels || $what == all ]]; then
   python3 bench/fused_kernels.py --json "$OUT/fused-kernels.jsonl"
-  python3 bench/throughput_profile.py --compile --variants additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_fused:fold --out "$OUT"
+  python3 bench/throughput_profile.py --compile --variants additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_fused:nofold --out "$OUT"
 fi
 # overhead takes over 600 s: on a machine with a per-call limit run its parts, each about 200 s
 if [[ $what == overhead || $what == overhead-eager || $what == all ]]; then

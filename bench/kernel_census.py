@@ -16,7 +16,7 @@ Read it as a census, not a profile:
   embedding), is not counted as such; an in-place buffer counts once for its read and write.
 - Extern kernels (matmuls, attention) and custom ops (``ddl.fused``) count as launches with no bytes.
 
-    python bench/kernel_census.py --variants additive,ddl_dv4_fused,ddl_dv4_fused:fold [--batch 1] [--probe] [--json F]
+    python bench/kernel_census.py --variants additive,ddl_dv4_fused,ddl_dv4_fused:nofold [--batch 1] [--probe]
 
 Needs ``triton`` importable (any build: nothing is compiled). Each variant runs in its own process.
 """
@@ -155,7 +155,7 @@ def summarise(variant: str, log: str, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default="additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_fused:fold")
+    p.add_argument("--variants", default="additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_fused:nofold")
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, default=1, help="bytes scale with tokens; 1 keeps the CPU step short")
     p.add_argument("--seq", type=int, default=1024)

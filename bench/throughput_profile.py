@@ -7,7 +7,7 @@ DDL costs, and in what.
 
     python bench/throughput_profile.py --compile --variants additive,ddl_dv1,ddl_dv4_fused [--out DIR]
 
-Variant names take bench/throughput.py's suffixes (``:gemv``, ``:fold``) for an A/B in one process.
+Variant names take bench/throughput.py's suffixes (``:gemv``, ``:fold``, ``:nofold``) for an A/B in one process.
 """
 
 from __future__ import annotations

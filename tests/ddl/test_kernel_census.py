@@ -31,21 +31,21 @@ def test_without_triton_it_says_what_to_install():
 @pytest.mark.skipif(not HAS_TRITON, reason="the census needs triton importable (nothing is compiled)")
 def test_census_counts_what_the_fold_removes(tmp_path):
     """Tiny preset, three variants: both graphs found, every Triton launch given bytes, and the fold
-    (the readout inside the fused update) leaves fewer backward launches and bytes than the plain
-    fused path; no variant keeps EC's convolution."""
+    (the readout inside the fused update, the default under compile) leaves fewer backward launches and
+    bytes than the unfolded fused path; no variant keeps EC's convolution."""
     out = tmp_path / "census.jsonl"
-    res = census("--preset", "tiny", "--seq", "64", "--variants", "additive,ddl_dv4_fused,ddl_dv4_fused:fold",
+    res = census("--preset", "tiny", "--seq", "64", "--variants", "additive,ddl_dv4_fused:nofold,ddl_dv4_fused",
                  "--json", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert list(rows) == ["additive", "ddl_dv4_fused", "ddl_dv4_fused:fold"]
+    assert list(rows) == ["additive", "ddl_dv4_fused:nofold", "ddl_dv4_fused"]
     for r in rows.values():
         for part in ("forward", "backward"):
             g = r[part]
             assert 0 < g["triton_launches"] <= g["launches"] and g["triton_mb"] > 0
             assert sum(n for _, n, _ in g["kernels"]) == g["launches"]
             assert not any("convolution" in k for k, _, _ in g["kernels"])
-    plain, fold = rows["ddl_dv4_fused"], rows["ddl_dv4_fused:fold"]
+    plain, fold = rows["ddl_dv4_fused:nofold"], rows["ddl_dv4_fused"]  # compiled, the fold is the default
     assert any("deltascope.delta_update.default" in k for k, _, _ in plain["forward"]["kernels"])
     assert any("deltascope.delta_update_read.default" in k for k, _, _ in fold["forward"]["kernels"])
     assert fold["backward"]["launches"] < plain["backward"]["launches"]
@@ -64,5 +64,5 @@ def test_census_with_a_probe_shows_its_statistics_in_the_forward(tmp_path):
     bare, probed = map(json.loads, out.read_text().splitlines())
     assert (bare["probe"], probed["probe"]) == (False, True)
     assert probed["forward"]["launches"] > bare["forward"]["launches"]
-    assert any("deltascope.delta_update.default" in k for k, _, _ in probed["forward"]["kernels"])
+    assert any("deltascope.delta_update_read.default" in k for k, _, _ in probed["forward"]["kernels"])  # folded
     assert probed["backward"]["launches"] == bare["backward"]["launches"]
