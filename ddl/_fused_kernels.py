@@ -261,7 +261,7 @@ Measured on an H100 (16384 tokens, bf16 state, bench/fused_kernels.py, 2026-11-2
 16 warps); 256 rows under 4 warps ran 116 and 175 us, 512 rows 164-187 and 250-272 us.
 
 The fold's kernels (``READ``) run under it too and leave grad W = sum_t gy_t out_t to the caller: ``ddl.fused``
-writes it as a product and a sum, which inductor fuses into the kernel that makes gy. Measured on an H100 (the
+writes it as a product and a sum, one inductor reduction a site (56 us on an H100). Measured on an H100 (the
 same sweep, the eighth GPU session) with grad W summed in the kernel: the two-pass forward 131 us; the two-pass
 backward, each program adding a stride of tokens' grad W into its own partial in memory, 406-1263 us over 27
 launches; the one-tile loop (16 tokens a program under 8 warps, the partial in registers) 311 us; one token a

@@ -26,10 +26,10 @@ one node. They run the Triton kernels on CUDA (or on CPU tensors under TRITON_IN
 same formulas in PyTorch elsewhere, so the op and its hand-written backward are checked on machines
 without triton. Triton is imported on the first launch only: ``import ddl.fused`` works without it.
 
-``delta_update_read`` (d_v > 1, under ``torch.compile`` by default: ``FOLD_READOUT``) also returns the next sublayer's
-CC readout y = sum_j W[:, j] out[:, j] of its result; its backward takes y's gradient gy and adds gy W^T to
-the state's gradient in registers. grad W = sum_t gy_t out_t is a product and a sum beside the op, which
-inductor fuses with its neighbours.
+``delta_update_read`` (d_v > 1; by default under ``torch.compile``: ``FOLD_READOUT``) also returns the next
+sublayer's CC readout y = sum_j W[:, j] out[:, j] of its result; its backward takes y's gradient gy and adds
+gy W^T to the state's gradient in registers. grad W = sum_t gy_t out_t is a product and a sum beside the op,
+which inductor compiles into one reduction.
 """
 
 from __future__ import annotations
@@ -173,8 +173,8 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 FOLD_READOUT: bool | None = None
 """Whether, with ``fused_delta`` and a CC compressor, each update also computes the next sublayer's readout
 (``DeltaResidual.update_and_read``): True always, False never, None (the default) inside ``torch.compile``
-only. The fold's backward leaves grad W = sum_t gy_t out_t to a product and a sum, which inductor fuses into
-the kernel that makes gy; eagerly that product would be a state-sized fp32 temporary. On an H100 (small
+only. The fold's backward leaves grad W = sum_t gy_t out_t to a product and a sum, one inductor reduction
+kernel a site; eagerly that product would be a state-sized fp32 temporary. On an H100 (small
 preset, d_v = 4, docs/PERFORMANCE.md) the folded step ran 0.759x the additive baseline's tokens/s against the
 unfolded op's 0.722x, at 1.1 GiB more peak memory (the update's result is kept for grad W).
 ``bench/throughput.py`` sets it with the variant suffixes ``:fold`` and ``:nofold``."""
@@ -255,10 +255,10 @@ def _setup_read(ctx, inputs, output):
 
 
 def _backward_read(ctx, grad_out, grad_y, _grad_rnorm, _grad_p):
-    """grad W = sum_t gy_t out_t is a product and a sum outside the op: compiled, inductor fuses it into the
-    kernel that makes gy (the next sublayer's norm backward), as it does for the unfolded readout. Summed in
-    the kernels, it cost more than it saved (``ddl._fused_kernels.CHUNK_LAUNCH``). ``out`` is the forward's
-    result; it is the next site's input, so saving it here keeps it no longer than autograd would anyway."""
+    """grad W = sum_t gy_t out_t is a product and a sum outside the op: compiled, one inductor reduction that
+    reads the update's result and gy (56 us a site on an H100). Summed in the kernels, it cost more than it
+    saved (``ddl._fused_kernels.CHUNK_LAUNCH``). Keeping ``out``, the forward's result, for it costs 1.1 GiB
+    of peak memory on the small preset."""
     X, out, h, v, beta, W, rnorm, p = ctx.saved_tensors
     grad_out = torch.zeros_like(X) if grad_out is None else grad_out
     grad_y = torch.zeros_like(h, dtype=X.dtype) if grad_y is None else grad_y
