@@ -5,12 +5,12 @@ Rows are tokens; a row's state is d x d_v, d_v innermost. d_v = 1 (``_fwd_kernel
 (``_fwd_chunk_kernel``): one token a program in two passes over ``BLOCK_C`` rows of its state at a time, the
 first for the reductions over d, the second, reading the rows again from cache, for the writes
 (``CHUNK_LAUNCH``). The update with the next CC readout folded in (``READ``) runs the same two passes: the
-forward also writes the readout, the backward joins the readout's gradient to the state's; grad W is the
-caller's (``CHUNK_LAUNCH``). The one-tile kernels (``_fwd_tile_kernel``, ``_bwd_tile_kernel``: a token's whole
+forward also writes the readout, the backward joins the readout's gradient to the state's; grad W is left to
+the caller (why: ``CHUNK_LAUNCH``). The one-tile kernels (``_fwd_tile_kernel``, ``_bwd_tile_kernel``: a token's whole
 (d, d_v) tile in registers) run where a sweep's launch asks for them. Every kernel reads its inputs from HBM
 once and writes its outputs once. Math and the backward derivation: ``ddl.fused``. Only long-stable
 Triton APIs (program_id, arange, masked load/store, sum, sqrt, loops, constexpr branches, calls of jit
-functions, debug_barrier): the GPU machine runs the Triton bundled with its torch, older than the one the
+functions): the GPU machine runs the Triton bundled with its torch, older than the one the
 CPU interpreter tests use."""
 
 from __future__ import annotations
