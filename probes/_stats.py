@@ -29,8 +29,8 @@ def nonfinite(x: torch.Tensor) -> torch.Tensor:
     3x cheaper on CPU than isfinite; compiled: isfinite, fused anyway (count_nonzero(x - x)
     miscounts under inductor in torch 2.11)."""
     dims = tuple(range(1, x.dim()))
-    if torch.compiler.is_compiling():
-        return (~torch.isfinite(x)).sum(dims)
+    if torch.compiler.is_compiling():  # the last axis first: it fuses with the other per-token reductions
+        return (~torch.isfinite(x)).sum(-1).sum(dims[:-1]) if x.dim() > 2 else (~torch.isfinite(x)).sum(dims)
     return torch.count_nonzero(x - x, dim=dims)
 
 
@@ -95,7 +95,7 @@ def sample(X: torch.Tensor, h: torch.Tensor, k: torch.Tensor, prev: torch.Tensor
     t = 0, s, 2s, ... (views, no copy in eager), each with a leading site axis of 1: (X, h, k,
     k at t + 1, prev, number of (t, t + 1) pairs). Compiled, k at t + 1 is a rolled k, as long
     as k: every per-token reduction then shares one iteration space and fuses into one kernel;
-    the wrapped pair past the end is dropped afterwards (``k_block``'s ``n_pairs``)."""
+    the wrapped pair past the end is dropped afterwards (``k_reduce``'s ``n_pairs``)."""
     T = k.shape[1]
     n_pairs = len(range(1, T, stride))
     k_next = torch.roll(k, -1, dims=1)[:, ::stride] if torch.compiler.is_compiling() else k[:, 1::stride]
@@ -103,40 +103,43 @@ def sample(X: torch.Tensor, h: torch.Tensor, k: torch.Tensor, prev: torch.Tensor
     return one(X), one(h), one(k), k_next.unsqueeze(0), None if prev is None else one(prev), n_pairs
 
 
-def k_block(h: torch.Tensor, k: torch.Tensor, k_next: torch.Tensor, prev: torch.Tensor | None, chain: bool,
-            n_pairs: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Sampled raw h and unit k (S, B, m, d), k one token later (S, B, >= n_pairs, d), ``prev``
-    the previous site's sampled k or None; ``chain``: site j's previous site is site j - 1 of
-    this same stack (the first gets no pair). Returns the k run (K_SLOTS, log10 ||h|| histogram,
-    sum of k), the LAYER_SLOTS pair or None, and the maxima (max ||h||, -min ||h||,
-    max | ||k|| - 1 |), all (S, ...)."""
-    S, B, m, _ = k.shape
+def k_reduce(h: torch.Tensor, k: torch.Tensor, k_next: torch.Tensor, prev: torch.Tensor | None, n_pairs: int
+             ) -> tuple[torch.Tensor, ...]:
+    """The reductions of sampled raw h and unit k (S, B, m, d), k one token later (S, B, >= n_pairs, d) and
+    ``prev``, another site's sampled k or None, that every k statistic is made from: per token ||h||, ||k||
+    (S, B, m); per site the sum of |k . k one token later|, of k (S, d), of |k . m| with m its mean
+    direction, the non-finite count of h, and of |k . prev| (None without ``prev``), each (S,)."""
     k = k.float()
     hn = torch.linalg.vector_norm(h, dim=-1, dtype=F32)  # (S, B, m)
     kn = torch.linalg.vector_norm(k, dim=-1)  # (S, B, m)
     ksum = k.sum(dim=TOK)  # (S, d)
     mdir = ksum / torch.linalg.vector_norm(ksum, dim=-1, keepdim=True).clamp_min(TINY)  # mean direction
-    rolled = k_next.shape[2] == m  # compiled: as long as k, the wrapped pair cut after the dot
+    rolled = k_next.shape[2] == k.shape[2]  # compiled: as long as k, the wrapped pair cut after the dot
     nxt = _dot(k, k_next.float())[:, :, :n_pairs] if rolled else _dot(k[:, :, :n_pairs], k_next.float())
+    conc = _dot(k, mdir[:, None, None, :]).abs().sum(TOK)
+    cos = None if prev is None else _dot(k, prev.float()).abs().sum(TOK)
+    return hn, kn, nxt.abs().sum(TOK), ksum, conc, nonfinite(h).to(F32), cos
+
+
+def k_block(hn: torch.Tensor, kn: torch.Tensor, nxt: torch.Tensor, ksum: torch.Tensor, conc: torch.Tensor,
+            nonfinite_h: torch.Tensor, cos: torch.Tensor | None, chain: bool, B: int, n_pairs: int,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`k_reduce`'s results for S sites -> the k run (K_SLOTS, log10 ||h|| histogram, sum of k), the
+    LAYER_SLOTS pair or None, and the maxima (max ||h||, -min ||h||, max | ||k|| - 1 |), all (S, ...).
+    ``chain``: ``cos`` holds, for sites 1 .. S - 1, the sum against the site before (the first gets no
+    pair); else ``cos`` is each site's against a ``prev`` of its own, or None."""
+    S = hn.shape[0]
     n_tok = _count(hn, F32)
-    head = torch.stack([
-        n_tok,
-        hn.sum(TOK),
-        _dot(k, mdir[:, None, None, :]).abs().sum(TOK),
-        n_tok.new_full((S,), B * n_pairs),
-        nxt.abs().sum(TOK),
-        nonfinite(h).to(F32),
-    ], dim=1)
+    head = torch.stack([n_tok, hn.sum(TOK), conc, n_tok.new_full((S,), B * n_pairs), nxt, nonfinite_h], dim=1)
     hh = hist(torch.log10(hn.clamp_min(TINY)), *H_NORM_LOG10_RANGE, H_NORM_BINS, dtype)
     run = torch.cat([head.to(dtype), hh, ksum.to(dtype)], dim=1)
     layer = None
-    if prev is not None:
-        layer = torch.stack([n_tok, _dot(k, prev.float()).abs().sum(TOK)], dim=1).to(dtype)
-    elif chain:
-        cos = _dot(k[1:], k[:-1]).abs().sum(TOK)  # (S - 1,)
+    if chain:
         layer = torch.stack([n_tok, torch.cat([cos.new_zeros(1), cos])], dim=1)
         layer[0, 0] = 0
         layer = layer.to(dtype)
+    elif cos is not None:
+        layer = torch.stack([n_tok, cos], dim=1).to(dtype)
     mx = torch.stack([hn.amax(TOK), -hn.amin(TOK), (kn - 1).abs().amax(TOK)], dim=1).to(dtype)
     return run, layer, mx
 
@@ -163,20 +166,19 @@ def write_block(v: torch.Tensor, p: torch.Tensor, beta: torch.Tensor, delta: tor
 
 
 def sites_block(
-    xn: torch.Tensor, beta: torch.Tensor, logit: torch.Tensor | None, h: torch.Tensor, k: torch.Tensor,
-    k_next: torch.Tensor, prev: torch.Tensor | None, chain: bool, n_pairs: int, v: torch.Tensor,
-    p: torch.Tensor, beta_w: torch.Tensor, delta: torch.Tensor, stride: int, beta_max: float,
-    identity_below: float, projection_band: float, reflection_above: float, logit_saturation: float,
-    dtype: torch.dtype,
+    xn: torch.Tensor, beta: torch.Tensor, logit: torch.Tensor | None, kred: tuple[torch.Tensor | None, ...],
+    chain: bool, B: int, n_pairs: int, v: torch.Tensor, p: torch.Tensor, beta_w: torch.Tensor, delta: torch.Tensor,
+    stride: int, beta_max: float, identity_below: float, projection_band: float, reflection_above: float,
+    logit_saturation: float, dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """S sites' forward pass -> (their sum blocks in ``_layout`` order, (S, width); maxima (S, 3)).
 
-    Every input has a leading site axis; xn (the per-token norm of the state, :func:`x_norm`), h, k,
-    k_next and prev are already sampled (:func:`sample`), the (B, T, 1..d_v) ones are whole.
+    Every input has a leading site axis: xn, the per-token norm of the sampled state (:func:`x_norm`); kred,
+    :func:`k_reduce`'s results (``chain`` as :func:`k_block` reads it); the (B, T, 1..d_v) ones whole.
     """
-    S = k.shape[0]
-    zeros2 = torch.zeros(S, 2, dtype=dtype, device=k.device)
-    run_k, layer, mx = k_block(h, k, k_next, prev, chain, n_pairs, dtype)
+    S = xn.shape[0]
+    zeros2 = torch.zeros(S, 2, dtype=dtype, device=xn.device)
+    run_k, layer, mx = k_block(*kred, chain, B, n_pairs, dtype)
     return torch.cat([
         beta_block(beta, beta_max, identity_below, projection_band, reflection_above, dtype),
         zeros2 if logit is None else logit_block(logit, logit_saturation, dtype),
@@ -187,6 +189,35 @@ def sites_block(
     ], dim=1), mx
 
 
+def stacked_reduce(X: tuple[torch.Tensor, ...], h: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...],
+                   stride: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """S sites' state, h and k (one (B, T, ...) tensor a site, in forward order), each sampled as
+    :func:`site_block` samples it -> (the per-token norm of the sampled state, (S, B, m); :func:`k_reduce`'s
+    results over the stacked sites, each k paired with the site before: the ``kred`` of :func:`stacked_finish`).
+    The state, the largest input ((B, T, d, d_v) a site), is reduced to its norms site by site: stacked, its
+    sample would be copied once more before the norms read it. ``probes._stats_kernels.stacked_reduce`` is
+    the same in two Triton launches (eagerly on CUDA)."""
+    sampled = [sample(Xi, hi, ki, None, stride) for Xi, hi, ki in zip(X, h, k, strict=True)]
+    hs, ks, kn = (torch.cat(col) for col in list(zip(*sampled, strict=True))[1:4])
+    *red, _ = k_reduce(hs, ks, kn, None, sampled[0][5])
+    cos = _dot(ks[1:].float(), ks[:-1].float()).abs().sum(TOK)  # (S - 1,): each site against the one before
+    return torch.cat([x_norm(s[0]) for s in sampled]), (*red, cos)
+
+
+def stacked_finish(
+    xn: torch.Tensor, kred: tuple[torch.Tensor, ...], B: int, n_pairs: int, logit: tuple[torch.Tensor, ...] | None,
+    v: tuple[torch.Tensor, ...], p: tuple[torch.Tensor, ...], beta: tuple[torch.Tensor, ...],
+    delta: tuple[torch.Tensor, ...], stride: int, beta_max: float, identity_below: float, projection_band: float,
+    reflection_above: float, logit_saturation: float, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sites_block` from :func:`stacked_reduce`'s results and the sites' (B, T, 1..d_v) tensors, stacked
+    here. ``beta`` is the write's input, which serves as the gate's output too."""
+    b = torch.stack(beta)
+    return sites_block(xn, b, None if logit is None else torch.stack(logit), kred, True, B, n_pairs, torch.stack(v),
+                       torch.stack(p), b, torch.stack(delta), stride, beta_max, identity_below, projection_band,
+                       reflection_above, logit_saturation, dtype)
+
+
 def stacked_block(
     X: tuple[torch.Tensor, ...], logit: tuple[torch.Tensor, ...] | None,
     h: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...],
@@ -194,20 +225,14 @@ def stacked_block(
     stride: int, beta_max: float, identity_below: float, projection_band: float, reflection_above: float,
     logit_saturation: float, dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """S sites of equal shapes, one tensor per site in each tuple, in forward order ->
-    :func:`sites_block` over them stacked along a site axis (each site sampled as
-    :func:`site_block` samples it). ``beta`` is the write's input, which serves as the gate's
-    output too. Compiled as one function, the sampling and the stacking are inductor's to fuse
-    into the statistics, instead of copies made before the call. The state, the largest of them ((B, T,
-    d, d_v) a site), is reduced to its per-token norms site by site first: stacked, its sample would be
-    copied once more before the norms read it."""
-    sampled = [sample(Xi, hi, ki, None, stride) for Xi, hi, ki in zip(X, h, k, strict=True)]
-    Xs, hs, ks, kn = list(zip(*sampled, strict=True))[:4]
-    hs, ks, kn = (torch.cat(col) for col in (hs, ks, kn))
-    b, xn = torch.stack(beta), torch.cat([x_norm(x) for x in Xs])
-    return sites_block(xn, b, None if logit is None else torch.stack(logit), hs, ks, kn, None, True,
-                       sampled[0][5], torch.stack(v), torch.stack(p), b, torch.stack(delta), stride, beta_max,
-                       identity_below, projection_band, reflection_above, logit_saturation, dtype)
+    """S sites of equal shapes, one tensor per site in each tuple, in forward order -> :func:`sites_block`
+    over them along a site axis: :func:`stacked_reduce`, then :func:`stacked_finish`. Compiled as one
+    function (inside a model the user compiles), the sampling and the stacking are inductor's to fuse into
+    the statistics, instead of copies made before the call."""
+    xn, kred = stacked_reduce(X, h, k, stride)
+    return stacked_finish(xn, kred, k[0].shape[0], len(range(1, k[0].shape[1], stride)), logit, v, p, beta, delta,
+                          stride, beta_max, identity_below, projection_band, reflection_above, logit_saturation,
+                          dtype)
 
 
 def site_block(
@@ -220,9 +245,10 @@ def site_block(
     its maxima), flat. One call per site per log step; inside a compiled model it is inlined."""
     Xs, hs, ks, kn, ps, n_pairs = sample(X, h, k, prev, stride)
     one = lambda x: x.unsqueeze(0)  # noqa: E731
-    block, mx = sites_block(x_norm(Xs), one(beta), None if logit is None else one(logit), hs, ks, kn, ps, False,
-                            n_pairs, one(v), one(p), one(beta_w), one(delta), stride, beta_max,
-                            identity_below, projection_band, reflection_above, logit_saturation, dtype)
+    block, mx = sites_block(x_norm(Xs), one(beta), None if logit is None else one(logit),
+                            k_reduce(hs, ks, kn, ps, n_pairs), False, k.shape[0], n_pairs, one(v), one(p),
+                            one(beta_w), one(delta), stride, beta_max, identity_below, projection_band,
+                            reflection_above, logit_saturation, dtype)
     return block[0], mx[0]
 
 
