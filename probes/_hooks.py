@@ -13,14 +13,18 @@ The residual's hook keeps its site's tensors until the last site of the forward,
 ``_stats.sites_block`` for all of them, adding the result into the flat buffer with one add.
 Eagerly on CUDA that call is a ``torch.compile``d copy (``fuse``; a few fused kernels and one
 Python call per forward, where per-site statistics cost ~300 launches); a compile failure falls
-back to the plain function, with one warning. Inside a model the user compiles, dynamo inlines
-the same stacked call into the user's graph (~16 statistics kernels for the small model's 24
-sites; its stacking cats are kept to one kernel each by ``widen_pointwise_cat``). A forward that
-stops short, or sites of unequal shapes, take one ``site_block`` call per site instead.
+back to the plain function, with one warning. There, with triton importable, two Triton kernels
+(``probes._stats_kernels``) first reduce every site's sampled rows where they lie, and the compiled
+call (``_stats.stacked_finish``) does the rest from their per-token results. Inside a model the
+user compiles, dynamo inlines the same stacked call into the user's graph (~16 statistics kernels
+for the small model's 24 sites; its stacking cats are kept to one kernel each by
+``widen_pointwise_cat``). A forward that stops short, or sites of unequal shapes, take one
+``site_block`` call per site instead.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import logging
 from collections.abc import Callable
@@ -41,6 +45,10 @@ FUSE_BACKEND = "inductor"
 """torch.compile backend of the fused statistics (tests on CPU use "aot_eager")."""
 FUSE_OPTIONS = {"combo_kernels": True}
 """Inductor options: combine the many small independent reductions into few launches."""
+STATS_KERNELS = True
+"""Eagerly on CUDA, reduce the sites' sampled rows with ``probes._stats_kernels`` (two Triton launches that
+read each row once) before the compiled ``_stats.stacked_finish``; False: the compiled ``stacked_block`` does
+it all. ``bench/probe_stats.py --kernels`` times both."""
 DEFER = True
 """Compute all sites' statistics in one call over a site axis at the end of the forward (eager on
 CUDA: one compiled call and a few kernels; on CPU: ~8x fewer op dispatches; inside a model the
@@ -90,6 +98,7 @@ class _Shared:
         self.fuse = fuse  # None: on CUDA only
         self._fused: dict[str, Callable[..., Any]] = {}
         self.defer = DEFER  # one call per forward for all sites
+        self.kernels = importlib.util.find_spec("triton") is not None  # False after a failed launch
         if self.defer:
             widen_pointwise_cat(n_sites)
         self.pending: list[tuple[torch.Tensor, ...] | None] = [None] * n_sites
@@ -165,8 +174,14 @@ class _Shared:
                                                          for e in pending}) == 1:
             # each site sampled as site_block samples it, stacked along a site axis: one call
             X, logit, h, k, v, p, beta, delta = zip(*pending, strict=True)
-            sums, mx = self.call("stacked_block", X, None if logit[0] is None else logit, h, k, v, p, beta,
-                                 delta, st, *self.consts, self.buf.dtype)
+            logit = None if logit[0] is None else logit
+            if (red := self._reduce_by_kernels(X, h, k)) is not None:
+                T = k[0].shape[1]
+                sums, mx = self.call("stacked_finish", *red, k[0].shape[0], len(range(1, T, st)), logit, v, p, beta,
+                                     delta, st, *self.consts, self.buf.dtype)
+            else:
+                sums, mx = self.call("stacked_block", X, logit, h, k, v, p, beta, delta, st, *self.consts,
+                                     self.buf.dtype)
             if sums.shape[1] == L.width:
                 self.buf.narrow(0, 0, L.scalars).add_(sums.reshape(-1))
             seg = self.buf.narrow(0, L.sum_end, mx.numel())
@@ -181,6 +196,24 @@ class _Shared:
                                       self.buf.dtype)
                 self.add_site(i, block, mx)
             prev = None if e is None else e[3]
+
+    def _reduce_by_kernels(self, X: tuple[torch.Tensor, ...], h: tuple[torch.Tensor, ...],
+                           k: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+        """Eagerly on CUDA (fusing, ``STATS_KERNELS``): the sites' reductions over their sampled rows from
+        ``probes._stats_kernels``, two Triton launches reading each row once, or None (the compiled
+        ``stacked_block`` does them). A failing launch switches them off for good, with one warning."""
+        if not (STATS_KERNELS and self.kernels and self._fusing() and k[0].is_cuda) or torch.compiler.is_compiling():
+            return None
+        try:
+            from probes import _stats_kernels
+
+            if not _stats_kernels.supported(X, h, k):
+                return None
+            return _stats_kernels.stacked_reduce(X, h, k, self.stride)
+        except Exception as e:  # never let the statistics take training down: the compiled path from now on
+            log.warning("probe statistics kernels failed, using the compiled statistics: %r", e)
+            self.kernels = False
+            return None
 
     def site_done(self, i: int, X: torch.Tensor) -> None:
         """Site ``i``'s residual ran (state ``X``): keep its tensors for the stacked statistics at

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,4 +94,6 @@ def test_no_cuda_sync_between_log_steps():
             torch.cuda.set_sync_debug_mode(0)
     assert [r.step for r in sink.records] == [0, 3, 6]
     assert probe._sh.fuse is None and probe._sh._fused, "an eager CUDA model uses fused statistics"
+    if importlib.util.find_spec("triton") is not None:  # the Triton reductions ran, and did not fall back
+        assert probe._sh.kernels and set(probe._sh._fused) == {"stacked_finish"}
     assert "loss" in sink.records[-1].scalars and "beta_mean/mlp/L01" in sink.records[-1].scalars
