@@ -47,8 +47,8 @@ FUSE_OPTIONS = {"combo_kernels": True}
 """Inductor options: combine the many small independent reductions into few launches."""
 STATS_KERNELS = True
 """Eagerly on CUDA, reduce the sites' sampled rows with ``probes._stats_kernels`` (two Triton launches that
-read each row once) before the compiled ``_stats.stacked_finish``; False: the compiled ``stacked_block`` does
-it all. ``bench/probe_stats.py --kernels`` times both."""
+read them where they lie, never stacked) before the compiled ``_stats.stacked_finish``; False: the
+compiled ``stacked_block`` does it all. ``bench/probe_stats.py --kernels`` times both."""
 DEFER = True
 """Compute all sites' statistics in one call over a site axis at the end of the forward (eager on
 CUDA: one compiled call and a few kernels; on CPU: ~8x fewer op dispatches; inside a model the
@@ -200,7 +200,7 @@ class _Shared:
     def _reduce_by_kernels(self, X: tuple[torch.Tensor, ...], h: tuple[torch.Tensor, ...],
                            k: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
         """Eagerly on CUDA (fusing, ``STATS_KERNELS``): the sites' reductions over their sampled rows from
-        ``probes._stats_kernels``, two Triton launches reading each row once, or None (the compiled
+        ``probes._stats_kernels``, two Triton launches reading the rows in place, or None (the compiled
         ``stacked_block`` does them). A failing launch switches them off for good, with one warning."""
         if not (STATS_KERNELS and self.kernels and self._fusing() and k[0].is_cuda) or torch.compiler.is_compiling():
             return None

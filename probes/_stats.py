@@ -29,7 +29,7 @@ def nonfinite(x: torch.Tensor) -> torch.Tensor:
     3x cheaper on CPU than isfinite; compiled: isfinite, fused anyway (count_nonzero(x - x)
     miscounts under inductor in torch 2.11)."""
     dims = tuple(range(1, x.dim()))
-    if torch.compiler.is_compiling():  # the last axis first: it fuses with the other per-token reductions
+    if torch.compiler.is_compiling():  # the last axis first, as the per-token norms beside it reduce
         return (~torch.isfinite(x)).sum(-1).sum(dims[:-1]) if x.dim() > 2 else (~torch.isfinite(x)).sum(dims)
     return torch.count_nonzero(x - x, dim=dims)
 
