@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call that reproduces every GPU figure in docs/PERFORMANCE.md for issues 2 and 3.
 # Run from the repository root on a CUDA machine; writes JSON lines and logs under ${OUT:-/tmp/out}.
-#   bash bench/gpu_suite.sh [throughput|ratios|kernels|overhead[-eager|-compiled|-dv4]|train|tests|all]
+#   bash bench/gpu_suite.sh [throughput|ratios|kernels|stats|overhead[-eager|-compiled|-dv4]|train|tests|all]
 # ratios: issue 6's DDL/additive ratios in one process, synced every step and every block (under 600 s);
 # kernels: the fused kernels' launch sweep and the grouped kernel profile (another call).
 set -uo pipefail
@@ -22,6 +22,12 @@ fi
 if [[ $what == kernels || $what == all ]]; then
   python3 bench/fused_kernels.py --json "$OUT/fused-kernels.jsonl"
   python3 bench/throughput_profile.py --compile --variants additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_fused:nofold --out "$OUT"
+fi
+if [[ $what == stats || $what == all ]]; then
+  # the eager probe's statistics call alone: compiled by inductor, then as the probe runs it (Triton reductions)
+  python3 bench/probe_stats.py --json "$OUT/probe-stats.jsonl"
+  python3 bench/probe_stats.py --kernels --launches "2,256,2;4,256,4;4,512,4" --json "$OUT/probe-stats.jsonl"
+  python3 bench/probe_stats.py --kernels --dv 4 --json "$OUT/probe-stats.jsonl"
 fi
 # overhead takes over 600 s: on a machine with a per-call limit run its parts, each about 200 s
 if [[ $what == overhead || $what == overhead-eager || $what == all ]]; then
