@@ -197,7 +197,7 @@ def delta_update_read(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor, 
     """The fused op on a (..., d, d_v) state, and the next sublayer's readout of its result in the same
     kernel: (out, y) with y[..., i] = sum_j W[i, j] out[..., i, j] in X's dtype, as
     :func:`delta_update_read_reference`. The readout then reads no state of its own, forward or backward:
-    the backward kernel adds y's gradient to the state's and sums W's gradient as it goes.
+    the backward kernel adds y's gradient to the state's; W's gradient is :func:`read_weight_grad`, beside it.
     ``taps``: (out, y, 1/||h||, p), as :func:`delta_update`'s."""
     lead = h.shape[:-1]
     v, beta = v.float().expand(*lead, X.shape[-1]), beta.float().expand(*lead, 1)
@@ -254,6 +254,12 @@ def _setup_read(ctx, inputs, output):
     ctx.save_for_backward(X, out, h, v, beta, W, rnorm, p)
 
 
+def read_weight_grad(gy: Tensor, out: Tensor) -> Tensor:
+    """grad W = sum_t gy_t out_t, (d, d_v) fp32, of the readout y = sum_j W[:, j] out[:, j]: gy (..., d), out
+    (..., d, d_v), the update's result."""
+    return (gy.float().unsqueeze(-1) * out.float()).sum(tuple(range(out.dim() - 2)))
+
+
 def _backward_read(ctx, grad_out, grad_y, _grad_rnorm, _grad_p):
     """grad W = sum_t gy_t out_t is a product and a sum outside the op: compiled, one inductor reduction that
     reads the update's result and gy (56 us a site on an H100). Summed in the kernels, it cost more than it
@@ -263,8 +269,7 @@ def _backward_read(ctx, grad_out, grad_y, _grad_rnorm, _grad_p):
     grad_out = torch.zeros_like(X) if grad_out is None else grad_out
     grad_y = torch.zeros_like(h, dtype=X.dtype) if grad_y is None else grad_y
     gX, gh, gv, gbeta = torch.ops.deltascope.delta_update_read_backward(grad_out, grad_y, X, h, v, beta, W, rnorm, p)
-    gW = (grad_y.float().unsqueeze(-1) * out.float()).sum(tuple(range(out.dim() - 2)))
-    return gX, gh, gv, gbeta, gW.to(W.dtype), None
+    return gX, gh, gv, gbeta, read_weight_grad(grad_y, out).to(W.dtype), None
 
 
 _op_read.register_autograd(_backward_read, setup_context=_setup_read)

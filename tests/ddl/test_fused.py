@@ -659,7 +659,7 @@ def folded_by_kernels(t: dict, W: torch.Tensor, g: torch.Tensor, gy: torch.Tenso
     rows = (X.reshape(-1, d, dv), h.reshape(-1, d), v.reshape(-1, dv), beta.reshape(-1, 1))
     out, y, rnorm, p = fk.forward_read(*rows, W.detach().to(X.dtype), EPS, launch)
     grads = fk.backward_read(g.reshape(-1, d, dv), gy.reshape(-1, d), *rows, W.detach().to(X.dtype), rnorm, p, launch)
-    gW = (gy.reshape(-1, d, 1).float() * out.float()).sum(0)  # the op's autograd sums grad W so, beside the kernels
+    gW = fused.read_weight_grad(gy.reshape(-1, d), out)  # as the op's autograd sums grad W, beside the kernels
     return (out.view(X.shape), y.view(h.shape),
             [a.view(x.shape) for a, x in zip(grads, t.values(), strict=True)] + [gW])
 
