@@ -1,7 +1,7 @@
 """The eager probe's statistics call alone on a GPU: ``_stats.stacked_block`` compiled as the probe compiles it
 (``probes._hooks.FUSE_OPTIONS``), on the tensors the hooks of the small model keep in one log step.
 
-Prints the median device time of one call (CUDA events around each of ``--iters`` calls), the kernels it
+Prints the median time of one call (CUDA events between ``--iters`` calls back to back), the kernels it
 launches with their time per call (torch.profiler), and the bytes it must read at least: every site's
 sampled rows of the state, h, k and k one token later once, the (B, T, 1..d_v) tensors whole.
 
@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import statistics
 from collections import defaultdict
 
 import torch
+from fused_kernels import timed  # bench/ is sys.path[0] when run as a script
 from torch.profiler import ProfilerActivity, profile
 
 from probes._hooks import FUSE_OPTIONS, widen_pointwise_cat
@@ -84,12 +84,11 @@ def main() -> None:
 
         finish = torch.compile(impl.stacked_finish, fullgraph=True, options=FUSE_OPTIONS)
         X, logit, h, k, v, p, beta, delta = args
-        n_pairs = len(range(1, a.seq, a.stride))
 
         def call():
             with torch.no_grad():
                 red = _stats_kernels.stacked_reduce(X, h, k, a.stride)
-                return finish(*red, a.batch, n_pairs, logit, v, p, beta, delta, a.stride, *consts, torch.float64)
+                return finish(*red, logit, v, p, beta, delta, a.stride, *consts, torch.float64)
     else:
         fn = torch.compile(impl.stacked_block, fullgraph=True, options=FUSE_OPTIONS)
 
@@ -103,15 +102,14 @@ def main() -> None:
             from probes import _stats_kernels
 
             _stats_kernels.ROWS, _stats_kernels.BLOCK, _stats_kernels.WARPS = launch
-        times, kern = measure(call, a.iters)
-        ms = statistics.median(times)
+        ms, kern = measure(call, a.iters)
         floor = floor_bytes(args, a.stride)
         res = {"impl": a.impl, "kernels": a.kernels, "launch": launch, "dv": a.dv, "sites": a.sites, "batch": a.batch,
-               "seq": a.seq, "stride": a.stride, "median_ms": round(ms, 4), "min_ms": round(min(times), 4),
+               "seq": a.seq, "stride": a.stride, "median_ms": round(ms, 4),
                "launches": sum(n for n, _ in kern.values()), "kernel_ms": round(sum(t for _, t in kern.values()), 4),
                "floor_mb": round(floor / 1e6, 1), "device": torch.cuda.get_device_name(), "torch": torch.__version__}
         print(f"{a.impl}{' (kernels)' if a.kernels else ''}{f' {launch}' if launch else ''} d_v={a.dv}: {ms:.3f} ms "
-              f"a call (min {min(times):.3f}), {res['launches']} launches, kernels {res['kernel_ms']:.3f} ms; reads "
+              f"a call, {res['launches']} launches, kernels {res['kernel_ms']:.3f} ms; reads "
               f"at least {floor / 1e6:.0f} MB ({floor / 3e9:.3f} ms at 3 TB/s)")
         for name, (n, tm) in sorted(kern.items(), key=lambda kv: -kv[1][1])[: a.top]:
             print(f"  {tm:7.3f} ms {n:4d} x {name[:100]}")
@@ -120,19 +118,10 @@ def main() -> None:
                 f.write(json.dumps(res) + "\n")
 
 
-def measure(call, iters: int, profiled: int = 5) -> tuple[list[float], dict[str, list]]:
-    """(ms of each of ``iters`` calls by CUDA events; {kernel: [launches, ms] per call} over ``profiled`` calls)."""
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        call()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1))
+def measure(call, iters: int, profiled: int = 5) -> tuple[float, dict[str, list]]:
+    """(median ms of a call, back to back: ``fused_kernels.timed``; {kernel: [launches, ms] per call} over
+    ``profiled`` calls)."""
+    ms = timed(call, iters) / 1e3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(profiled):
             call()
@@ -142,7 +131,7 @@ def measure(call, iters: int, profiled: int = 5) -> tuple[list[float], dict[str,
         if e.device_type == torch.autograd.DeviceType.CUDA:
             kern[e.name][0] += 1 / profiled
             kern[e.name][1] += e.device_time / profiled / 1e3
-    return times, {k: [round(n), tm] for k, (n, tm) in kern.items()}
+    return ms, {k: [round(n), tm] for k, (n, tm) in kern.items()}
 
 
 if __name__ == "__main__":

@@ -176,9 +176,8 @@ class _Shared:
             X, logit, h, k, v, p, beta, delta = zip(*pending, strict=True)
             logit = None if logit[0] is None else logit
             if (red := self._reduce_by_kernels(X, h, k)) is not None:
-                T = k[0].shape[1]
-                sums, mx = self.call("stacked_finish", *red, k[0].shape[0], len(range(1, T, st)), logit, v, p, beta,
-                                     delta, st, *self.consts, self.buf.dtype)
+                sums, mx = self.call("stacked_finish", *red, logit, v, p, beta, delta, st, *self.consts,
+                                     self.buf.dtype)
             else:
                 sums, mx = self.call("stacked_block", X, logit, h, k, v, p, beta, delta, st, *self.consts,
                                      self.buf.dtype)

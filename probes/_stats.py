@@ -167,8 +167,8 @@ def write_block(v: torch.Tensor, p: torch.Tensor, beta: torch.Tensor, delta: tor
 
 def sites_block(
     xn: torch.Tensor, beta: torch.Tensor, logit: torch.Tensor | None, kred: tuple[torch.Tensor | None, ...],
-    chain: bool, B: int, n_pairs: int, v: torch.Tensor, p: torch.Tensor, beta_w: torch.Tensor, delta: torch.Tensor,
-    stride: int, beta_max: float, identity_below: float, projection_band: float, reflection_above: float,
+    chain: bool, v: torch.Tensor, p: torch.Tensor, beta_w: torch.Tensor, delta: torch.Tensor, stride: int,
+    beta_max: float, identity_below: float, projection_band: float, reflection_above: float,
     logit_saturation: float, dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """S sites' forward pass -> (their sum blocks in ``_layout`` order, (S, width); maxima (S, 3)).
@@ -176,9 +176,9 @@ def sites_block(
     Every input has a leading site axis: xn, the per-token norm of the sampled state (:func:`x_norm`); kred,
     :func:`k_reduce`'s results (``chain`` as :func:`k_block` reads it); the (B, T, 1..d_v) ones whole.
     """
-    S = xn.shape[0]
+    S, B, T = beta.shape[:3]
     zeros2 = torch.zeros(S, 2, dtype=dtype, device=xn.device)
-    run_k, layer, mx = k_block(*kred, chain, B, n_pairs, dtype)
+    run_k, layer, mx = k_block(*kred, chain, B, len(range(1, T, stride)), dtype)  # (t, t + 1) pairs, as sampled
     return torch.cat([
         beta_block(beta, beta_max, identity_below, projection_band, reflection_above, dtype),
         zeros2 if logit is None else logit_block(logit, logit_saturation, dtype),
@@ -205,7 +205,7 @@ def stacked_reduce(X: tuple[torch.Tensor, ...], h: tuple[torch.Tensor, ...], k: 
 
 
 def stacked_finish(
-    xn: torch.Tensor, kred: tuple[torch.Tensor, ...], B: int, n_pairs: int, logit: tuple[torch.Tensor, ...] | None,
+    xn: torch.Tensor, kred: tuple[torch.Tensor, ...], logit: tuple[torch.Tensor, ...] | None,
     v: tuple[torch.Tensor, ...], p: tuple[torch.Tensor, ...], beta: tuple[torch.Tensor, ...],
     delta: tuple[torch.Tensor, ...], stride: int, beta_max: float, identity_below: float, projection_band: float,
     reflection_above: float, logit_saturation: float, dtype: torch.dtype,
@@ -213,7 +213,7 @@ def stacked_finish(
     """:func:`sites_block` from :func:`stacked_reduce`'s results and the sites' (B, T, 1..d_v) tensors, stacked
     here. ``beta`` is the write's input, which serves as the gate's output too."""
     b = torch.stack(beta)
-    return sites_block(xn, b, None if logit is None else torch.stack(logit), kred, True, B, n_pairs, torch.stack(v),
+    return sites_block(xn, b, None if logit is None else torch.stack(logit), kred, True, torch.stack(v),
                        torch.stack(p), b, torch.stack(delta), stride, beta_max, identity_below, projection_band,
                        reflection_above, logit_saturation, dtype)
 
@@ -229,10 +229,8 @@ def stacked_block(
     over them along a site axis: :func:`stacked_reduce`, then :func:`stacked_finish`. Compiled as one
     function (inside a model the user compiles), the sampling and the stacking are inductor's to fuse into
     the statistics, instead of copies made before the call."""
-    xn, kred = stacked_reduce(X, h, k, stride)
-    return stacked_finish(xn, kred, k[0].shape[0], len(range(1, k[0].shape[1], stride)), logit, v, p, beta, delta,
-                          stride, beta_max, identity_below, projection_band, reflection_above, logit_saturation,
-                          dtype)
+    return stacked_finish(*stacked_reduce(X, h, k, stride), logit, v, p, beta, delta, stride, beta_max,
+                          identity_below, projection_band, reflection_above, logit_saturation, dtype)
 
 
 def site_block(
@@ -246,9 +244,9 @@ def site_block(
     Xs, hs, ks, kn, ps, n_pairs = sample(X, h, k, prev, stride)
     one = lambda x: x.unsqueeze(0)  # noqa: E731
     block, mx = sites_block(x_norm(Xs), one(beta), None if logit is None else one(logit),
-                            k_reduce(hs, ks, kn, ps, n_pairs), False, k.shape[0], n_pairs, one(v), one(p),
-                            one(beta_w), one(delta), stride, beta_max, identity_below, projection_band,
-                            reflection_above, logit_saturation, dtype)
+                            k_reduce(hs, ks, kn, ps, n_pairs), False, one(v), one(p), one(beta_w), one(delta),
+                            stride, beta_max, identity_below, projection_band, reflection_above, logit_saturation,
+                            dtype)
     return block[0], mx[0]
 
 
