@@ -3,11 +3,12 @@
 Rows are tokens; a row's state is d x d_v, d_v innermost. d_v = 1 (``_fwd_kernel``): one program owns
 ``ROWS`` whole rows (``BLOCK_D`` = next power of two >= d, masked), in registers. d_v > 1, the plain update
 (``_fwd_chunk_kernel``): one token a program in two passes over ``BLOCK_C`` rows of its state at a time, the
-first for the reductions over d, the second, reading the rows again from cache, for the writes
-(``CHUNK_LAUNCH``). The update with the next CC readout folded in (``READ``) runs the same two passes: the
-forward also writes the readout, the backward joins the readout's gradient to the state's; grad W is left to
-the caller (why: ``CHUNK_LAUNCH``). The one-tile kernels (``_fwd_tile_kernel``, ``_bwd_tile_kernel``: a token's whole
-(d, d_v) tile in registers) run where a sweep's launch asks for them. Every kernel reads its inputs from HBM
+first for the reductions over d, the second, reading the rows again from cache, for the writes; d_v is a
+compile-time constant there, so that a row block's loads and stores are wide (``CHUNK_LAUNCH``). The update
+with the next CC readout folded in (``READ``) runs the same two passes: the forward also writes the readout,
+the backward joins the readout's gradient to the state's; grad W is left to the caller (why:
+``CHUNK_LAUNCH``). The one-tile kernels (``_fwd_tile_kernel``, ``_bwd_tile_kernel``: a token's whole (d, d_v)
+tile in registers) run where a sweep's launch asks for them. Every kernel reads its inputs from HBM
 once and writes its outputs once. Math and the backward derivation: ``ddl.fused``. Only long-stable
 Triton APIs (program_id, arange, masked load/store, sum, sqrt, loops, constexpr branches, calls of jit
 functions): the GPU machine runs the Triton bundled with its torch, older than the one the
@@ -196,8 +197,8 @@ def _gy_w(GY, W, row, d, dv, i, i_ok, m, offs):
 
 
 @triton.jit
-def _fwd_chunk_kernel(X, H, V, BETA, W, OUT, Y, RNORM, P, d, dv, eps2, READ: tl.constexpr, BLOCK_C: tl.constexpr,
-                      BLOCK_V: tl.constexpr):
+def _fwd_chunk_kernel(X, H, V, BETA, W, OUT, Y, RNORM, P, d, dv: tl.constexpr, eps2, READ: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
     # d_v > 1, one token a program in two passes over BLOCK_C rows of its (d, d_v) state at a time: the
     # first sums ||h||^2 and h^T X, the second reads the rows again (from cache) and writes. No padding of d
     # to a power of two, and a small tile in registers: more programs an SM. READ: also the next readout of
@@ -223,7 +224,7 @@ def _fwd_chunk_kernel(X, H, V, BETA, W, OUT, Y, RNORM, P, d, dv, eps2, READ: tl.
 
 
 @triton.jit
-def _bwd_chunk_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, d, dv, READ: tl.constexpr,
+def _bwd_chunk_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, d, dv: tl.constexpr, READ: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
     # _bwd_tile_kernel in _fwd_chunk_kernel's two passes: k^T g first, then the gradients row block by block.
     # READ: the readout's gradient, g += gy W^T, joins the update's in both passes (grad W is the caller's)
@@ -253,19 +254,27 @@ def _bwd_chunk_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, d, d
     tl.store(GBETA + row, tl.sum((v - p) * gk, axis=0))
 
 
-CHUNK_LAUNCH = (512, 2)
+CHUNK_LAUNCH = (512, 4)
 """d_v > 1: (elements of the state a pass holds, warps) of the two-pass kernels
-(``_fwd_chunk_kernel``, ``_bwd_chunk_kernel``); d = 768, d_v = 4 runs 128 rows of d a pass under 2 warps.
-Measured on an H100 (16384 tokens, bf16 state, bench/fused_kernels.py, 2026-11-23, the seventh GPU session): forward
-117 us and backward 167 us, against 133 and 199 us for the one-tile kernels' best launch (one token under
-16 warps); 256 rows under 4 warps ran 116 and 175 us, 512 rows 164-187 and 250-272 us.
+(``_fwd_chunk_kernel``, ``_bwd_chunk_kernel``); d = 768, d_v = 4 runs 128 rows of d a pass under 4 warps.
 
-The fold's kernels (``READ``) run under it too and leave grad W = sum_t gy_t out_t to the caller: ``ddl.fused``
-writes it as a product and a sum, one inductor reduction a site (56 us on an H100). Measured on an H100 (the
-same sweep, the eighth GPU session) with grad W summed in the kernel: the two-pass forward 131 us; the two-pass
-backward, each program adding a stride of tokens' grad W into its own partial in memory, 406-1263 us over 27
-launches; the one-tile loop (16 tokens a program under 8 warps, the partial in registers) 311 us; one token a
-program with a second kernel for grad W, 513 us."""
+d_v is a compile-time constant of these kernels. Passed as a runtime integer, the compiler could not prove a
+row block's d_v entries contiguous and aligned, and moved the state two bytes at a time. Measured on an H100
+(16384 tokens, bf16 state, the folded kernels, old and new side by side in one process, the twelfth GPU
+session):
+
+- runtime d_v, 128 rows under 2 warps (the old default): forward 129 us, backward 225 us;
+- constant d_v, 128 rows under 2 warps: 121 and 178 us;
+- constant d_v, **128 rows under 4 warps**: **98 and 142 us** (2.6 and 2.7 TB/s); 256 rows under 2 or 4 warps
+  and 512 under 4: 101-107 and 150-155 us.
+
+The fold's kernels (``READ``) leave grad W = sum_t gy_t out_t to the caller: ``ddl.fused`` writes it as a
+product and a sum, one inductor reduction a site (56 us on an H100). Summed in the kernels instead (the eighth
+GPU session, runtime d_v), it cost more than it saved: each program adding a stride of tokens' grad W into its
+own partial in memory, 406-1263 us over 27 launches; the one-tile loop (16 tokens a program under 8 warps, the
+partial in registers) 311 us; one token a program with a second kernel for grad W, 513 us. A single pass by row
+blocks across tokens, with grad W in registers and k^T g from a first kernel (the twelfth session), took
+288-774 us."""
 
 
 def _launch(d: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:

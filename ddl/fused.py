@@ -175,8 +175,8 @@ FOLD_READOUT: bool | None = None
 (``DeltaResidual.update_and_read``): True always, False never, None (the default) inside ``torch.compile``
 only. The fold's backward leaves grad W = sum_t gy_t out_t to a product and a sum, one inductor reduction
 kernel a site; eagerly that product would be a state-sized fp32 temporary. On an H100 (small
-preset, d_v = 4, docs/PERFORMANCE.md) the folded step ran 0.759x the additive baseline's tokens/s against the
-unfolded op's 0.722x, at 1.1 GiB more peak memory (the update's result is kept for grad W).
+preset, d_v = 4, docs/PERFORMANCE.md, the twelfth GPU session) the folded step ran 0.795x the additive baseline's
+tokens/s against the unfolded op's 0.736x, at 1.1 GiB more peak memory (the update's result is kept for grad W).
 ``bench/throughput.py`` sets it with the variant suffixes ``:fold`` and ``:nofold``."""
 
 
