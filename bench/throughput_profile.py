@@ -6,6 +6,10 @@ copies) and its largest kernels. The last table sets each variant's groups besid
 DDL costs, and in what.
 
     python bench/throughput_profile.py --compile --variants additive,ddl_dv1,ddl_dv4_fused [--out DIR]
+    python bench/throughput_profile.py --compile --variants ddl_dv4_fused --who reduce_kernel   # who launches it
+
+``--who REGEX`` profiles one more step with host ops recorded and lists, for the kernels whose names match,
+the chain of host ops (innermost first) that launched them, with calls and kernel time a step.
 
 Variant names take bench/throughput.py's suffixes (``:gemv``, ``:fold``, ``:nofold``) for an A/B in one process.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -76,13 +81,36 @@ def measure(name: str, args) -> dict:
         for k, (ms, _) in kern.items():
             groups[group(k)] += ms
         top = sorted(((ms, calls, k) for k, (ms, calls) in kern.items()), reverse=True)
+        who = launchers(step, x, y, args.who) if args.who else None
         res = {"variant": name, "step_ms": statistics.median(times), "kernel_ms": sum(groups.values()),
                "launches": sum(c for _, c in kern.values()), "groups": dict(groups),
                "top": [{"ms": ms, "calls": c, "kernel": k[:160]} for ms, c, k in top],
-               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **({"who": who} if who else {})}
         del model, opt, net, step
     torch.cuda.empty_cache()
     return res
+
+
+def launchers(step, x, y, pattern: str) -> list[dict]:
+    """One profiled step with host ops recorded: for kernels matching ``pattern`` (a regex), the host op chain
+    (innermost first, 6 deep) that launched them, with calls and kernel ms, largest first."""
+    rx = re.compile(pattern)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(x, y)
+        torch.cuda.synchronize()
+    found: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA or not e.kernels:
+            continue
+        for k in e.kernels:
+            if rx.search(k.name):
+                chain, op = [], e
+                while op is not None and len(chain) < 6:
+                    chain.append(op.name[:60])
+                    op = op.cpu_parent
+                found[" < ".join(chain)][0] += 1
+                found[" < ".join(chain)][1] += k.duration / 1e3
+    return [{"ops": c, "calls": n, "ms": ms} for c, (n, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])]
 
 
 def main() -> None:
@@ -97,6 +125,7 @@ def main() -> None:
     p.add_argument("--variants", default="additive,ddl_dv1")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", type=Path)
+    p.add_argument("--who", help="regex: list the host ops that launch the kernels it matches")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/throughput_profile.py needs a CUDA device")
@@ -109,6 +138,8 @@ def main() -> None:
                  f"{r['launches']:.0f} launches/step, peak {r['peak_gib']:.2f} GiB"]
         lines += [f"  {t['ms']:7.3f} ms {t['calls']:5.0f}x  {group(t['kernel']):<10} {t['kernel'][:100]}"
                   for t in r["top"][: args.top]]
+        for w in r.get("who", [])[:15]:
+            lines.append(f"  who: {w['calls']:4d}x {w['ms']:7.3f} ms  {w['ops']}")
         print("\n".join(lines), flush=True)
         if args.out is not None:
             with open(args.out / "throughput-profile.jsonl", "a") as f:
