@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import statistics
 import sys
@@ -110,16 +111,23 @@ def measure(name: str, overrides: dict, args) -> dict:
         step(b[:, :-1], b[:, 1:])
     torch.cuda.synchronize()
     warm_s = time.perf_counter() - t0
+    if args.gc_freeze:  # what long training loops do: the compile's objects out of the collector's way
+        gc.collect()
+        gc.freeze()
     torch.cuda.reset_peak_memory_stats()
-    res = {"variant": name, "compile": args.compile, "params": model.num_params(), "warmup_s": warm_s}
+    res = {"variant": name, "compile": args.compile, "params": model.num_params(), "warmup_s": warm_s,
+           "gc_freeze": args.gc_freeze}
     for sync in ("step", "block") if args.sync == "both" else (args.sync,):
         times = timed_steps(step, batches, args.steps, sync)
         med = statistics.median(times)
         key = "" if sync == "step" else "_block"  # step-synced keeps the keys of earlier JSON lines
         res.update({f"step_ms{key}": med * 1e3, f"tokens_per_s{key}": args.batch * args.seq / med,
-                    f"spread_ms{key}": (max(times) - min(times)) * 1e3})
+                    f"spread_ms{key}": (max(times) - min(times)) * 1e3,
+                    f"steps_ms{key}": [round(t * 1e3, 2) for t in times]})
     res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, net, step
+    if args.gc_freeze:
+        gc.unfreeze()
     torch.cuda.empty_cache()
     return res
 
@@ -158,6 +166,9 @@ def main() -> None:
     p.add_argument("--sync", default="both", choices=("step", "block", "both"))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--json", help="append results as JSON lines to this file")
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="gc.collect() and gc.freeze() after the warm-up, so that Python's collector skips "
+                        "everything compiling made")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/throughput.py needs a CUDA device")
