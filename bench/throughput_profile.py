@@ -108,8 +108,9 @@ def launchers(step, x, y, pattern: str) -> list[dict]:
                 while op is not None and len(chain) < 6:
                     chain.append(op.name[:60])
                     op = op.cpu_parent
-                found[" < ".join(chain)][0] += 1
-                found[" < ".join(chain)][1] += k.duration / 1e3
+                entry = found[" < ".join(chain)]
+                entry[0] += 1
+                entry[1] += k.duration / 1e3
     return [{"ops": c, "calls": n, "ms": ms} for c, (n, ms) in sorted(found.items(), key=lambda kv: -kv[1][1])]
 
 
