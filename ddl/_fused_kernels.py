@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 
 @triton.jit
@@ -358,17 +359,17 @@ def _forward(X, h, v, beta, eps, W, launch):
     read, W, Y = W is not None, X if W is None else W, out if y is None else y
     if dv == 1:
         rows, block_d, num_warps = _launch(d, launch)
-        _fwd_kernel[(triton.cdiv(n, rows),)](X, h, v, beta, out, rnorm, p, n, d, eps * eps,
-                                             ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
+        wrap_triton(_fwd_kernel)[(triton.cdiv(n, rows),)](X, h, v, beta, out, rnorm, p, n, d, eps * eps, ROWS=rows,
+                                                          BLOCK_D=block_d, num_warps=num_warps)
     elif (chunk := _chunk_launch(d, dv, launch)) is not None:
         block_c, block_v, num_warps = chunk
-        _fwd_chunk_kernel[(n,)](X, h, v, beta, W, out, Y, rnorm, p, d, dv, eps * eps, READ=read, BLOCK_C=block_c,
-                                BLOCK_V=block_v, num_warps=num_warps)
+        wrap_triton(_fwd_chunk_kernel)[(n,)](X, h, v, beta, W, out, Y, rnorm, p, d, dv, eps * eps, READ=read,
+                                             BLOCK_C=block_c, BLOCK_V=block_v, num_warps=num_warps)
     else:
         programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch)
-        _fwd_tile_kernel[(programs,)](X, h, v, beta, W, out, Y, rnorm, p, n, d, dv, eps * eps, READ=read,
-                                      STRIDED=programs < n, BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps,
-                                      **_regs(launch))
+        wrap_triton(_fwd_tile_kernel)[(programs,)](X, h, v, beta, W, out, Y, rnorm, p, n, d, dv, eps * eps,
+                                                   READ=read, STRIDED=programs < n, BLOCK_D=block_d, BLOCK_V=block_v,
+                                                   num_warps=num_warps, **_regs(launch))
     return out, rnorm, p, y
 
 
@@ -380,17 +381,17 @@ def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
     gbeta = torch.empty(n, 1, dtype=torch.float32, device=X.device)
     if dv == 1:
         rows, block_d, num_warps = _launch(d, launch)
-        _bwd_kernel[(triton.cdiv(n, rows),)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, n, d,
-                                             ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
+        wrap_triton(_bwd_kernel)[(triton.cdiv(n, rows),)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, n, d,
+                                                          ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
         return gX, gh, gv, gbeta
     read, gy, W = W is not None, g if gy is None else gy, X if W is None else W
     if (chunk := _chunk_launch(d, dv, launch)) is not None:
         block_c, block_v, num_warps = chunk
-        _bwd_chunk_kernel[(n,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, d, dv, READ=read,
-                                BLOCK_C=block_c, BLOCK_V=block_v, num_warps=num_warps)
+        wrap_triton(_bwd_chunk_kernel)[(n,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, d, dv,
+                                             READ=read, BLOCK_C=block_c, BLOCK_V=block_v, num_warps=num_warps)
     else:
         programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch)
-        _bwd_tile_kernel[(programs,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, n, d, dv, READ=read,
-                                      STRIDED=programs < n, BLOCK_D=block_d, BLOCK_V=block_v, num_warps=num_warps,
-                                      **_regs(launch))
+        wrap_triton(_bwd_tile_kernel)[(programs,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, n, d,
+                                                   dv, READ=read, STRIDED=programs < n, BLOCK_D=block_d,
+                                                   BLOCK_V=block_v, num_warps=num_warps, **_regs(launch))
     return gX, gh, gv, gbeta
