@@ -3,7 +3,7 @@
 # Run from the repository root on a CUDA machine; writes JSON lines and logs under ${OUT:-/tmp/out}.
 #   bash bench/gpu_suite.sh [throughput|ratios|host|kernels|stats|overhead[-eager|-compiled|-dv4]|train|tests|all]
 # ratios: issue 6's DDL/additive ratios in one process, synced every step and every block (under 600 s);
-# host: the same at B = 1, where a step takes about the host's time to issue it;
+# host: the same at B = 1, where a step takes about the host's time to issue it, and where that time goes (cProfile);
 # kernels: the fused kernels' launch sweep and the grouped kernel profile (another call).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,6 +24,7 @@ if [[ $what == host || $what == all ]]; then
   # B = 1: the GPU gets a sixteenth of the work, so each step takes about its host's time to issue it
   python3 bench/throughput.py --preset small --batch 1 --seq 1024 --steps 40 --compile --sync both \
     --variants additive,ddl_dv1,ddl_dv4_fused --json "$OUT/ratios-b1.jsonl"
+  python3 bench/host_profile.py --variants additive,ddl_dv4_fused --steps 15 --json "$OUT/host-profile.jsonl"
 fi
 if [[ $what == kernels || $what == all ]]; then
   python3 bench/fused_kernels.py --json "$OUT/fused-kernels.jsonl"

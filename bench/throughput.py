@@ -12,6 +12,8 @@ the two in turn and prints both.
 
     python bench/throughput.py --preset small --batch 16 --seq 1024 --steps 30 [--compile] [--sync both]
 
+``--mode reduce-overhead`` (with ``--compile``) replays each compiled graph as a CUDA graph, every variant alike.
+
 A variant name may carry a suffix that flips a code path for it alone, for an A/B in one process:
 ``:gemv`` runs ``NarrowLinear`` as a plain ``nn.Linear`` (the gate and value heads as GEMV launches,
 as before they were written as reductions); ``:fold`` and ``:nofold`` set ``ddl.fused.FOLD_READOUT`` to True
@@ -81,6 +83,7 @@ def switched(name: str):
 
 def step_fn(model, opt, amp_dtype):
     def step(x, y):
+        torch.compiler.cudagraph_mark_step_begin()  # under mode="reduce-overhead": a new step, last step's outputs dead
         with torch.autocast("cuda", dtype=amp_dtype):
             _, loss = model(x, y)
         loss.backward()
@@ -100,7 +103,7 @@ def measure(name: str, overrides: dict, args) -> dict:
                  "it would time the unfused path")
     model = DDLModel(cfg).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    net = torch.compile(model) if args.compile else model
+    net = torch.compile(model, mode=args.mode) if args.compile else model
     step = step_fn(net, opt, torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda", generator=g)
@@ -115,8 +118,8 @@ def measure(name: str, overrides: dict, args) -> dict:
         gc.collect()
         gc.freeze()
     torch.cuda.reset_peak_memory_stats()
-    res = {"variant": name, "compile": args.compile, "params": model.num_params(), "warmup_s": warm_s,
-           "gc_freeze": args.gc_freeze}
+    res = {"variant": name, "compile": args.compile, "mode": args.mode, "params": model.num_params(),
+           "warmup_s": warm_s, "gc_freeze": args.gc_freeze}
     for sync in ("step", "block") if args.sync == "both" else (args.sync,):
         times = timed_steps(step, batches, args.steps, sync)
         med = statistics.median(times)
@@ -163,6 +166,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--mode", default="default", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                   help="torch.compile's mode, with --compile (reduce-overhead: each compiled graph replayed as a "
+                        "CUDA graph, so that the host issues a few launches a step instead of a thousand)")
     p.add_argument("--sync", default="both", choices=("step", "block", "both"))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--json", help="append results as JSON lines to this file")
@@ -181,8 +187,9 @@ def main() -> None:
         with open(args.json, "a") as f:
             for r in rows:
                 f.write(json.dumps({**r, "device": torch.cuda.get_device_name(), "torch": torch.__version__}) + "\n")
+    mode = "" if args.mode == "default" else f" mode={args.mode}"
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} preset={args.preset} "
-          f"B={args.batch} T={args.seq} bf16 compile={args.compile}")
+          f"B={args.batch} T={args.seq} bf16 compile={args.compile}{mode}")
     print(f"{'variant':<16}{'sync':>6}{'step ms':>9}{'tok/s':>12}{'vs add':>8}{'peak GiB':>10}")
     for key, sync in (("", "step"), ("_block", "block")):
         base = next((r[f"tokens_per_s{key}"] for r in rows if r["variant"] == "additive"), None)
