@@ -14,7 +14,9 @@ Read it as a census, not a profile:
   (``bench/throughput_profile.py``).
 - A buffer counts once per launch: a kernel that rereads it, or reads a few rows of a large table (the
   embedding), is not counted as such; an in-place buffer counts once for its read and write.
-- Extern kernels (matmuls, attention) and custom ops (``ddl.fused``) count as launches with no bytes.
+- Extern kernels (matmuls, attention) and custom ops count as launches with no bytes. ``ddl.fused``'s kernels
+  are Triton launches inductor makes itself (its ops are ``torch.library.triton_op``), named ``_fwd_chunk_kernel``
+  and so on; the worker points Triton at an H100 target so that inductor can read which buffers they write.
 
     python bench/kernel_census.py --variants additive,ddl_dv4_fused,ddl_dv4_fused:nofold [--batch 1] [--probe]
 
@@ -50,7 +52,17 @@ def generate(variant: str, preset: str, batch: int, seq: int, probe: bool = Fals
 
     inductor_config.cpu_backend = "triton"
     inductor_config.compile_threads = 1
+    inductor_config.force_disable_caches = True  # a cached graph may predate a change to the ops it calls
     torch_triton.triton_backend = lambda: None  # no GPU driver: the hash and target are never used
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    class H100:  # the driver inductor asks for a target when it reads which tensors a ddl.fused kernel writes
+        @staticmethod
+        def get_current_target():
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(H100())
     torch_triton.triton_hash_with_backend = lambda: "census"
 
     class Unrun:  # stands for a compiled kernel; its launches do nothing
@@ -68,7 +80,8 @@ def generate(variant: str, preset: str, batch: int, seq: int, probe: bool = Fals
     from ddl.config import presets, with_overrides
     from ddl.model import DDLModel
 
-    fused.supported = lambda X, h: True  # take the fused op where the variant asks; it runs its torch form
+    fused.supported = lambda X, h: True  # take the fused op where the variant asks
+    fused._use_triton = lambda X: True  # and trace its kernels, as on CUDA (they are written, never run)
     torch.manual_seed(0)
     cfg = with_overrides(presets[preset], **throughput.config_of(variant), block_size=seq)
     model = DDLModel(cfg)
@@ -118,8 +131,9 @@ def launches(graph: str) -> list[tuple[str, int | None]]:
             sizes[m.group(1)] = numel(m.group(3))
         elif m := re.match(r"(\w+) = (\w+); del", line):
             sizes[m.group(1)] = sizes.get(m.group(2), 0)
-        elif m := re.match(r"(triton_\w+)\.run\((.*)\)$", line):
-            params, signature = kernels.get(m.group(1), ([], {}))
+        elif m := re.match(r"(\w+)\.run\((.*)\)$", line):  # inductor's kernels, and ddl.fused's as _fwd_..._0
+            params, signature = kernels.get(m.group(1)) or kernels.get(re.sub(r"_\d+$", "", m.group(1)), ([], {}))
+            params = [q for q in params if signature.get(q) != "constexpr"]  # not passed at launch
             nbytes = 0
             for param, arg in zip(params, split_args(m.group(2)), strict=False):  # trailing numels, stream
                 kind = signature.get(param, "")
