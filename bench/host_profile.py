@@ -23,9 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from throughput import config_of, step_fn, switched, variant_names  # bench/ is sys.path[0] when run as a script
-
-from ddl import DDLModel, presets, with_overrides
+from throughput import switched, variant_names, warmed  # bench/ is sys.path[0] when run as a script
 
 
 def where(func: tuple[str, int, str]) -> str:
@@ -37,16 +35,7 @@ def where(func: tuple[str, int, str]) -> str:
 
 def measure(name: str, args) -> dict:
     with switched(name):
-        torch.manual_seed(0)
-        cfg = with_overrides(presets[args.preset], **config_of(name), block_size=args.seq)
-        model = DDLModel(cfg).cuda()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        step = step_fn(torch.compile(model, mode=args.mode), opt, torch.bfloat16)
-        batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda")
-        x, y = batch[:, :-1], batch[:, 1:]
-        for _ in range(args.warmup):
-            step(x, y)
-        torch.cuda.synchronize()
+        model, opt, step, x, y = warmed(name, args, args.mode)
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()

@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -92,6 +93,23 @@ def step_fn(model, opt, amp_dtype):
         return loss
 
     return step
+
+
+def warmed(name: str, args, mode: str | None) -> tuple[nn.Module, torch.optim.Optimizer, Callable, torch.Tensor,
+                                                       torch.Tensor]:
+    """For the profilers, inside ``switched(name)``: variant ``name`` on CUDA with fused AdamW, compiled in
+    ``mode`` (None: eager), and one batch (x, y), after ``args.warmup`` steps -> (model, opt, step, x, y)."""
+    torch.manual_seed(0)
+    cfg = with_overrides(presets[args.preset], **config_of(name), block_size=args.seq)
+    model = DDLModel(cfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    step = step_fn(model if mode is None else torch.compile(model, mode=mode), opt, torch.bfloat16)
+    batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda")
+    x, y = batch[:, :-1], batch[:, 1:]
+    for _ in range(args.warmup):
+        step(x, y)
+    torch.cuda.synchronize()
+    return model, opt, step, x, y
 
 
 def measure(name: str, overrides: dict, args) -> dict:

@@ -25,10 +25,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from throughput import config_of, step_fn, switched, variant_names  # bench/ is sys.path[0] when run as a script
+from throughput import switched, variant_names, warmed  # bench/ is sys.path[0] when run as a script
 from torch.profiler import ProfilerActivity, profile
-
-from ddl import DDLModel, presets, with_overrides
 
 GROUPS = (  # first match wins; lower-case substrings of the kernel name
     ("ddl.fused", ("_fwd_kernel", "_bwd_kernel", "_fwd_tile", "_bwd_tile", "_fwd_chunk", "_bwd_chunk")),
@@ -48,17 +46,7 @@ def group(name: str) -> str:
 
 def measure(name: str, args) -> dict:
     with switched(name):
-        torch.manual_seed(0)
-        cfg = with_overrides(presets[args.preset], **config_of(name), block_size=args.seq)
-        model = DDLModel(cfg).cuda()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        net = torch.compile(model) if args.compile else model
-        step = step_fn(net, opt, torch.bfloat16)
-        batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda")
-        x, y = batch[:, :-1], batch[:, 1:]
-        for _ in range(args.warmup):
-            step(x, y)
-        torch.cuda.synchronize()
+        model, opt, step, x, y = warmed(name, args, "default" if args.compile else None)
         times = []
         for _ in range(args.steps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -86,7 +74,7 @@ def measure(name: str, args) -> dict:
                "launches": sum(c for _, c in kern.values()), "groups": dict(groups),
                "top": [{"ms": ms, "calls": c, "kernel": k[:160]} for ms, c, k in top],
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **({"who": who} if who else {})}
-        del model, opt, net, step
+        del model, opt, step
     torch.cuda.empty_cache()
     return res
 
