@@ -30,7 +30,6 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -95,15 +94,24 @@ def step_fn(model, opt, amp_dtype):
     return step
 
 
-def warmed(name: str, args, mode: str | None) -> tuple[nn.Module, torch.optim.Optimizer, Callable, torch.Tensor,
-                                                       torch.Tensor]:
-    """For the profilers, inside ``switched(name)``: variant ``name`` on CUDA with fused AdamW, compiled in
-    ``mode`` (None: eager), and one batch (x, y), after ``args.warmup`` steps -> (model, opt, step, x, y)."""
+def built(name: str, args, mode: str | None) -> tuple:
+    """Variant ``name`` (inside ``switched(name)``) on CUDA with fused AdamW, its step compiled in ``mode``
+    (None: eager) -> (cfg, model, opt, step). Exits where the variant asks for ddl.fused and it cannot run."""
     torch.manual_seed(0)
     cfg = with_overrides(presets[args.preset], **config_of(name), block_size=args.seq)
+    state = (1, cfg.d_model) if cfg.d_v == 1 else (1, cfg.d_model, cfg.d_v)
+    if cfg.fused_delta and not fused.supported(torch.empty(state, device="cuda"), torch.empty(1, cfg.d_model)):
+        sys.exit(f"{name}: ddl.fused cannot run here (needs triton, a d x d_v tile <= {fused.MAX_TILE}); "
+                 "it would time the unfused path")
     model = DDLModel(cfg).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    step = step_fn(model if mode is None else torch.compile(model, mode=mode), opt, torch.bfloat16)
+    return cfg, model, opt, step_fn(model if mode is None else torch.compile(model, mode=mode), opt, torch.bfloat16)
+
+
+def warmed(name: str, args, mode: str | None) -> tuple:
+    """For the profilers: :func:`built`, and one batch (x, y), after ``args.warmup`` steps -> (model, opt, step,
+    x, y)."""
+    cfg, model, opt, step = built(name, args, mode)
     batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda")
     x, y = batch[:, :-1], batch[:, 1:]
     for _ in range(args.warmup):
@@ -112,17 +120,8 @@ def warmed(name: str, args, mode: str | None) -> tuple[nn.Module, torch.optim.Op
     return model, opt, step, x, y
 
 
-def measure(name: str, overrides: dict, args) -> dict:
-    torch.manual_seed(0)
-    cfg = with_overrides(presets[args.preset], **overrides, block_size=args.seq)
-    state = (1, cfg.d_model) if cfg.d_v == 1 else (1, cfg.d_model, cfg.d_v)
-    if cfg.fused_delta and not fused.supported(torch.empty(state, device="cuda"), torch.empty(1, cfg.d_model)):
-        sys.exit(f"{name}: ddl.fused cannot run here (needs triton, a d x d_v tile <= {fused.MAX_TILE}); "
-                 "it would time the unfused path")
-    model = DDLModel(cfg).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    net = torch.compile(model, mode=args.mode) if args.compile else model
-    step = step_fn(net, opt, torch.bfloat16)
+def measure(name: str, args) -> dict:
+    cfg, model, opt, step = built(name, args, args.mode if args.compile else None)
     g = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device="cuda", generator=g)
                for _ in range(4)]
@@ -146,7 +145,7 @@ def measure(name: str, overrides: dict, args) -> dict:
                     f"spread_ms{key}": (max(times) - min(times)) * 1e3,
                     f"steps_ms{key}": [round(t * 1e3, 2) for t in times]})
     res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt, net, step
+    del model, opt, step
     if args.gc_freeze:
         gc.unfreeze()
     torch.cuda.empty_cache()
@@ -200,7 +199,7 @@ def main() -> None:
     rows = []
     for name in variant_names(args.variants):
         with switched(name):
-            rows.append(measure(name, config_of(name), args))
+            rows.append(measure(name, args))
     if args.json:
         with open(args.json, "a") as f:
             for r in rows:
