@@ -16,10 +16,16 @@ Python call per forward, where per-site statistics cost ~300 launches); a compil
 back to the plain function, with one warning. There, with triton importable, two Triton kernels
 (``probes._stats_kernels``) first reduce every site's sampled rows where they lie, and the compiled
 call (``_stats.stacked_finish``) does the rest from their per-token results. Inside a model the
-user compiles, dynamo inlines the same stacked call into the user's graph (~16 statistics kernels
-for the small model's 24 sites; its stacking cats are kept to one kernel each by
-``widen_pointwise_cat``). A forward that stops short, or sites of unequal shapes, take one
-``site_block`` call per site instead.
+user compiles, dynamo inlines the same stacked call into the user's graph, the two kernels as one
+opaque op (``deltascope::probe_rows``) on CUDA where k is made from h (below), and the rest as
+inductor writes it (its stacking cats kept to one kernel each by ``widen_pointwise_cat``). A forward
+that stops short, or sites of unequal shapes, take one ``site_block`` call per site instead.
+
+Where a site's ``k_dir`` is exactly ``ddl.delta.KDirection`` and its ``write`` exactly ``Write``, with
+only observers hooking them (``_formula``), the hooks keep neither k nor delta: the statistics make
+them from h, and from v, p and beta, by the same formulas. In a compiled model k and delta are never
+written out then (each was a copy kernel a site); eagerly, the kernels read h (bf16) where they read k
+(fp32). Any other k_dir or write, or a hook that may change what they return, is read as it is.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddl.delta import OBSERVER, KDirection, Write
 from probes import _stats
 from probes._layout import MAX_SLOTS, SLOT, Layout
 from server.thresholds import Thresholds
@@ -49,6 +56,9 @@ STATS_KERNELS = True
 """Eagerly on CUDA, reduce the sites' sampled rows with ``probes._stats_kernels`` (two Triton launches that
 read them where they lie, never stacked) before the compiled ``_stats.stacked_finish``; False: the
 compiled ``stacked_block`` does it all. ``bench/probe_stats.py --kernels`` times both."""
+KERNEL_DEVICES = ("cuda",)
+"""Device types whose sites' rows ``probes._stats_kernels`` reduces (eagerly, and in a model the user compiles
+through its op ``deltascope::probe_rows``); tests add "cpu" under Triton's interpreter."""
 DEFER = True
 """Compute all sites' statistics in one call over a site axis at the end of the forward (eager on
 CUDA: one compiled call and a few kernels; on CPU: ~8x fewer op dispatches; inside a model the
@@ -82,6 +92,16 @@ def widen_pointwise_cat(n_sites: int) -> None:
         config.max_pointwise_cat_inputs = n_sites
 
 
+def _kernels_module() -> Any:
+    """``probes._stats_kernels``, imported (its op registered) before any trace reaches it; None if it fails."""
+    try:
+        from probes import _stats_kernels
+    except Exception as e:  # a broken triton install: the torch ops do it all
+        log.warning("probe statistics kernels unavailable, using torch ops: %r", e)
+        return None
+    return _stats_kernels
+
+
 class _Shared:
     """State every hook of one Probe reads: the mode switch, the one device buffer, fusion."""
 
@@ -99,6 +119,7 @@ class _Shared:
         self._fused: dict[str, Callable[..., Any]] = {}
         self.defer = DEFER  # one call per forward for all sites
         self.kernels = importlib.util.find_spec("triton") is not None  # False after a failed launch
+        self._stats_kernels = _kernels_module() if self.kernels else None
         if self.defer:
             widen_pointwise_cat(n_sites)
         self.pending: list[tuple[torch.Tensor, ...] | None] = [None] * n_sites
@@ -106,7 +127,8 @@ class _Shared:
         self.consts = (beta_max, t.identity_below, t.projection_band, t.reflection_above, t.logit_saturation)
         # what each site's children handed over this forward, for its residual's hook
         self.logit: list[torch.Tensor | None] = [None] * n_sites
-        self.hk: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_sites
+        self.hk: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * n_sites
+        self.eps: list[float | None] = [None] * n_sites  # k_dir's eps where k is made from h (k kept as None)
         self.vpbd: list[tuple[torch.Tensor, ...] | None] = [None] * n_sites
 
     def ensure(self, device: torch.device, d: int) -> None:
@@ -170,17 +192,20 @@ class _Shared:
             self.pending[i] = None      # so no kept tensor becomes an output of the user's graph
         L, st = self.layout, self.stride
         assert self.buf is not None and L is not None
-        if all(e is not None for e in pending) and len({tuple(t.shape for t in e if t is not None)
-                                                         for e in pending}) == 1:
-            # each site sampled as site_block samples it, stacked along a site axis: one call
+        eps = {self.eps[i] for i, e in enumerate(pending) if e is not None and e[3] is None}
+        if (all(e is not None for e in pending) and len(eps) <= 1
+                and len({tuple(t is None or t.shape for t in e) for e in pending}) == 1):
+            # each site sampled as site_block samples it, stacked along a site axis: one call; k (and delta)
+            # None at every site: made from h (v, p, beta) by the formulas of k_dir (write)
             X, logit, h, k, v, p, beta, delta = zip(*pending, strict=True)
-            logit = None if logit[0] is None else logit
-            if (red := self._reduce_by_kernels(X, h, k)) is not None:
+            logit, k, delta = (None if t[0] is None else t for t in (logit, k, delta))
+            e = eps.pop() if eps else None
+            if (red := self._reduce_by_kernels(X, h, k, e)) is not None:
                 sums, mx = self.call("stacked_finish", *red, logit, v, p, beta, delta, st, *self.consts,
                                      self.buf.dtype)
             else:
                 sums, mx = self.call("stacked_block", X, logit, h, k, v, p, beta, delta, st, *self.consts,
-                                     self.buf.dtype)
+                                     self.buf.dtype, e)
             if sums.shape[1] == L.width:
                 self.buf.narrow(0, 0, L.scalars).add_(sums.reshape(-1))
             seg = self.buf.narrow(0, L.sum_end, mx.numel())
@@ -190,25 +215,47 @@ class _Shared:
         for i, e in enumerate(pending):
             if e is not None:
                 X, logit, h, k, *vpbd = e
+                k = self._k(i, h, k)
                 pr = prev if prev is not None and prev.shape == k.shape else None
                 block, mx = self.call("site_block", X, vpbd[2], logit, h, k, pr, *vpbd, st, *self.consts,
                                       self.buf.dtype)
                 self.add_site(i, block, mx)
-            prev = None if e is None else e[3]
+                prev = k
+            else:
+                prev = None
+
+    def _k(self, i: int, h: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+        """Site ``i``'s k, made whole from h where its hook kept none (the per-site paths)."""
+        if k is not None:
+            return k
+        eps = self.eps[i]
+        assert eps is not None
+        return _stats.unit(h, eps)
 
     def _reduce_by_kernels(self, X: tuple[torch.Tensor, ...], h: tuple[torch.Tensor, ...],
-                           k: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
-        """Eagerly on CUDA (fusing, ``STATS_KERNELS``): the sites' reductions over their sampled rows from
-        ``probes._stats_kernels``, two Triton launches reading the rows in place, or None (the compiled
-        ``stacked_block`` does them). A failing launch switches them off for good, with one warning."""
-        if not (STATS_KERNELS and self.kernels and self._fusing() and k[0].is_cuda) or torch.compiler.is_compiling():
+                           k: tuple[torch.Tensor, ...] | None, eps: float | None
+                           ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+        """The sites' reductions over their sampled rows from ``probes._stats_kernels``, two Triton launches
+        reading the rows in place, or None (the torch ops of ``_stats.stacked_block`` do them). Eagerly (fusing,
+        ``STATS_KERNELS``), a failing launch switches them off for good, with one warning. In a model the user
+        compiles, with k made from h, as the op ``deltascope::probe_rows``: where inductor would stack every
+        site's sampled rows of h and k (two copy kernels a site, and k written out), one opaque call reads h
+        where it lies; the op falls back to torch ops by itself."""
+        if not (STATS_KERNELS and self.kernels and h[0].device.type in KERNEL_DEVICES):
+            return None
+        if torch.compiler.is_compiling():
+            if k is not None or self._stats_kernels is None or not self._stats_kernels.supported(X, h, None):
+                return None  # a k of the user's own k_dir: the inlined torch ops read it where inductor puts it
+            xn, *red = torch.ops.deltascope.probe_rows(list(X), list(h), [], self.stride, eps)
+            return xn, tuple(red)
+        if not self._fusing():
             return None
         try:
             from probes import _stats_kernels
 
             if not _stats_kernels.supported(X, h, k):
                 return None
-            return _stats_kernels.stacked_reduce(X, h, k, self.stride)
+            return _stats_kernels.stacked_reduce(X, h, k, self.stride, eps)
         except Exception as e:  # never let the statistics take training down: the compiled path from now on
             log.warning("probe statistics kernels failed, using the compiled statistics: %r", e)
             self.kernels = False
@@ -230,6 +277,7 @@ class _Shared:
             if i == self.n_sites - 1:
                 self.flush()
             return
+        k = self._k(i, h, k)
         prev = self.prev_k if i > 0 else None
         if prev is not None and prev.shape != k.shape:
             prev = None
@@ -292,11 +340,21 @@ def _on_logit(module: nn.Module, args: Any, logit: torch.Tensor) -> None:
             sh.logit[i] = _keep(logit)
 
 
+def _formula(module: nn.Module, cls: type) -> bool:
+    """Whether ``module``'s output is ``cls``'s formula of its input as its hooks see it: exactly a ``cls``, and
+    only observers (``ddl.delta.observes``) among its forward hooks. The statistics then make k from h (k_dir)
+    and delta from v, p and beta (write) themselves: the same values, where a compiled model would otherwise
+    write out every site's k and delta for them."""
+    return type(module) is cls and all(getattr(fn, OBSERVER, False) for fn in module._forward_hooks.values())
+
+
 def _on_k(module: nn.Module, args: Any, k: torch.Tensor) -> None:
     """k_dir: forward(h) -> unit k, (B, T, d)."""
     for sh, i in _mine(module):
         if sh.mode == ACCUM:
-            sh.hk[i] = (_keep(args[0]), _keep(k))
+            derive = _formula(module, KDirection)
+            sh.hk[i] = (_keep(args[0]), None if derive else _keep(k))
+            sh.eps[i] = module.eps if derive else None
         elif sh.mode == PROBE and sh.buf is not None:
             sh.k_probe(i, k.detach().float())
 
@@ -305,7 +363,7 @@ def _on_write(module: nn.Module, args: Any, delta: torch.Tensor) -> None:
     """write: inputs (v, p, beta) with v, p (B, T, d_v); output delta = beta (v - p)."""
     for sh, i in _mine(module):
         if sh.mode == ACCUM:
-            sh.vpbd[i] = (*(_keep(a) for a in args[:3]), _keep(delta))
+            sh.vpbd[i] = (*(_keep(a) for a in args[:3]), None if _formula(module, Write) else _keep(delta))
 
 
 def _on_residual(module: nn.Module, args: Any, kwargs: Any, out: torch.Tensor) -> None:

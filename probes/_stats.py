@@ -89,18 +89,33 @@ def x_norm(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(X.flatten(3), dim=-1, dtype=F32)
 
 
-def sample(X: torch.Tensor, h: torch.Tensor, k: torch.Tensor, prev: torch.Tensor | None, stride: int
+def unit(h: torch.Tensor, eps: float) -> torch.Tensor:
+    """``ddl.delta.KDirection``'s k of h, fp32: h / sqrt(||h||^2 + eps^2) over the last axis. Where a site's
+    ``k_dir`` is that module and only observers hook it, the statistics make k from the rows of h they
+    sample instead of taking the k the hook saw (``_hooks``): the same numbers, and no k to stack."""
+    h = h.float()
+    return h * torch.rsqrt(h.square().sum(-1, keepdim=True) + eps**2)
+
+
+def sample(X: torch.Tensor, h: torch.Tensor, k: torch.Tensor | None, prev: torch.Tensor | None, stride: int,
+           eps: float | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     """One site's (B, T, ...) state, h, k and previous-site k -> the sampled token positions
     t = 0, s, 2s, ... (views, no copy in eager), each with a leading site axis of 1: (X, h, k,
     k at t + 1, prev, number of (t, t + 1) pairs). Compiled, k at t + 1 is a rolled k, as long
     as k: every per-token reduction then shares one iteration space and fuses into one kernel;
-    the wrapped pair past the end is dropped afterwards (``k_reduce``'s ``n_pairs``)."""
-    T = k.shape[1]
+    the wrapped pair past the end is dropped afterwards (``k_reduce``'s ``n_pairs``).
+    ``k`` None: k is :func:`unit` of h with ``eps``, made for the sampled rows only."""
+    T = h.shape[1]
     n_pairs = len(range(1, T, stride))
-    k_next = torch.roll(k, -1, dims=1)[:, ::stride] if torch.compiler.is_compiling() else k[:, 1::stride]
+    src = h if k is None else k
+    nxt = torch.roll(src, -1, dims=1)[:, ::stride] if torch.compiler.is_compiling() else src[:, 1::stride]
     one = lambda x: x[:, ::stride].unsqueeze(0)  # noqa: E731
-    return one(X), one(h), one(k), k_next.unsqueeze(0), None if prev is None else one(prev), n_pairs
+    ks = one(src)
+    if k is None:
+        assert eps is not None, "k made from h needs k_dir's eps"
+        ks, nxt = unit(ks, eps), unit(nxt, eps)
+    return one(X), one(h), ks, nxt.unsqueeze(0), None if prev is None else one(prev), n_pairs
 
 
 def k_reduce(h: torch.Tensor, k: torch.Tensor, k_next: torch.Tensor, prev: torch.Tensor | None, n_pairs: int
@@ -150,11 +165,14 @@ def _norm_dv(x: torch.Tensor) -> torch.Tensor:
     return x.float().square().sum(-1).sqrt()
 
 
-def write_block(v: torch.Tensor, p: torch.Tensor, beta: torch.Tensor, delta: torch.Tensor,
+def write_block(v: torch.Tensor, p: torch.Tensor, beta: torch.Tensor, delta: torch.Tensor | None,
                 xn: torch.Tensor | None, stride: int, dtype: torch.dtype) -> torch.Tensor:
-    """write's inputs v, p (S, B, T, d_v), beta (S, B, T, 1) and output delta (S, B, T, d_v);
+    """write's inputs v, p (S, B, T, d_v), beta (S, B, T, 1) and output delta (S, B, T, d_v), or None where
+    write is ``ddl.delta.Write`` (delta = beta (v - p), made here from the stacked inputs: no delta to stack);
     ``xn`` the per-token ||X|| at the sampled positions (S, B, m) (None: no update ratio)
     -> WRITE_SLOTS, (S, 5). The update ratio is over the sampled positions, the rest over all."""
+    if delta is None:
+        delta = beta * (v - p)
     b = beta[..., 0].float()  # (S, B, T)
     vn, pn, dn = _norm_dv(v), _norm_dv(p), _norm_dv(delta)  # (S, B, T)
     if xn is None:
@@ -189,16 +207,22 @@ def sites_block(
     ], dim=1), mx
 
 
-def stacked_reduce(X: tuple[torch.Tensor, ...], h: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...],
-                   stride: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def stacked_reduce(X: tuple[torch.Tensor, ...], h: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...] | None,
+                   stride: int, eps: float | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """S sites' state, h and k (one (B, T, ...) tensor a site, in forward order), each sampled as
     :func:`site_block` samples it -> (the per-token norm of the sampled state, (S, B, m); :func:`k_reduce`'s
     results over the stacked sites, each k paired with the site before: the ``kred`` of :func:`stacked_finish`).
+    ``k`` None: every site's k is :func:`unit` of its h with ``eps``, made from the stacked rows of h.
     The state, the largest input ((B, T, d, d_v) a site), is reduced to its norms site by site: stacked, its
     sample would be copied once more before the norms read it. ``probes._stats_kernels.stacked_reduce`` is
-    the same in two Triton launches (eagerly on CUDA)."""
-    sampled = [sample(Xi, hi, ki, None, stride) for Xi, hi, ki in zip(X, h, k, strict=True)]
+    the same in two Triton launches (eagerly on CUDA; in a compiled model, as the op ``deltascope::probe_rows``)."""
+    derive = k is None
+    sampled = [sample(Xi, hi, hi if derive else ki, None, stride) for Xi, hi, ki in zip(X, h, h if derive else k,
+                                                                                       strict=True)]
     hs, ks, kn = (torch.cat(col) for col in list(zip(*sampled, strict=True))[1:4])
+    if derive:  # the rows of h stood in for k's
+        assert eps is not None, "k made from h needs k_dir's eps"
+        ks, kn = unit(ks, eps), unit(kn, eps)
     *red, _ = k_reduce(hs, ks, kn, None, sampled[0][5])
     cos = _dot(ks[1:].float(), ks[:-1].float()).abs().sum(TOK)  # (S - 1,): each site against the one before
     return torch.cat([x_norm(s[0]) for s in sampled]), (*red, cos)
@@ -207,44 +231,48 @@ def stacked_reduce(X: tuple[torch.Tensor, ...], h: tuple[torch.Tensor, ...], k: 
 def stacked_finish(
     xn: torch.Tensor, kred: tuple[torch.Tensor, ...], logit: tuple[torch.Tensor, ...] | None,
     v: tuple[torch.Tensor, ...], p: tuple[torch.Tensor, ...], beta: tuple[torch.Tensor, ...],
-    delta: tuple[torch.Tensor, ...], stride: int, beta_max: float, identity_below: float, projection_band: float,
-    reflection_above: float, logit_saturation: float, dtype: torch.dtype,
+    delta: tuple[torch.Tensor, ...] | None, stride: int, beta_max: float, identity_below: float,
+    projection_band: float, reflection_above: float, logit_saturation: float, dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sites_block` from :func:`stacked_reduce`'s results and the sites' (B, T, 1..d_v) tensors, stacked
-    here. ``beta`` is the write's input, which serves as the gate's output too."""
+    here. ``beta`` is the write's input, which serves as the gate's output too; ``delta`` None: the write's
+    formula of them (:func:`write_block`)."""
     b = torch.stack(beta)
     return sites_block(xn, b, None if logit is None else torch.stack(logit), kred, True, torch.stack(v),
-                       torch.stack(p), b, torch.stack(delta), stride, beta_max, identity_below, projection_band,
-                       reflection_above, logit_saturation, dtype)
+                       torch.stack(p), b, None if delta is None else torch.stack(delta), stride, beta_max,
+                       identity_below, projection_band, reflection_above, logit_saturation, dtype)
 
 
 def stacked_block(
     X: tuple[torch.Tensor, ...], logit: tuple[torch.Tensor, ...] | None,
-    h: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...],
-    p: tuple[torch.Tensor, ...], beta: tuple[torch.Tensor, ...], delta: tuple[torch.Tensor, ...],
+    h: tuple[torch.Tensor, ...], k: tuple[torch.Tensor, ...] | None, v: tuple[torch.Tensor, ...],
+    p: tuple[torch.Tensor, ...], beta: tuple[torch.Tensor, ...], delta: tuple[torch.Tensor, ...] | None,
     stride: int, beta_max: float, identity_below: float, projection_band: float, reflection_above: float,
-    logit_saturation: float, dtype: torch.dtype,
+    logit_saturation: float, dtype: torch.dtype, eps: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """S sites of equal shapes, one tensor per site in each tuple, in forward order -> :func:`sites_block`
     over them along a site axis: :func:`stacked_reduce`, then :func:`stacked_finish`. Compiled as one
     function (inside a model the user compiles), the sampling and the stacking are inductor's to fuse into
-    the statistics, instead of copies made before the call."""
-    return stacked_finish(*stacked_reduce(X, h, k, stride), logit, v, p, beta, delta, stride, beta_max,
+    the statistics, instead of copies made before the call. ``k`` and ``delta`` None: as
+    :func:`stacked_reduce` and :func:`stacked_finish` read them."""
+    return stacked_finish(*stacked_reduce(X, h, k, stride, eps), logit, v, p, beta, delta, stride, beta_max,
                           identity_below, projection_band, reflection_above, logit_saturation, dtype)
 
 
 def site_block(
     X: torch.Tensor, beta: torch.Tensor, logit: torch.Tensor | None, h: torch.Tensor, k: torch.Tensor,
     prev: torch.Tensor | None, v: torch.Tensor, p: torch.Tensor, beta_w: torch.Tensor,
-    delta: torch.Tensor, stride: int, beta_max: float, identity_below: float, projection_band: float,
+    delta: torch.Tensor | None, stride: int, beta_max: float, identity_below: float, projection_band: float,
     reflection_above: float, logit_saturation: float, dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One delta residual's forward pass (tensors as its hooks saw them) -> (its sum block,
-    its maxima), flat. One call per site per log step; inside a compiled model it is inlined."""
+    """One delta residual's forward pass (tensors as its hooks saw them; ``delta`` None: the write's formula)
+    -> (its sum block, its maxima), flat. One call per site per log step; inside a compiled model it is
+    inlined."""
     Xs, hs, ks, kn, ps, n_pairs = sample(X, h, k, prev, stride)
     one = lambda x: x.unsqueeze(0)  # noqa: E731
     block, mx = sites_block(x_norm(Xs), one(beta), None if logit is None else one(logit),
-                            k_reduce(hs, ks, kn, ps, n_pairs), False, one(v), one(p), one(beta_w), one(delta),
+                            k_reduce(hs, ks, kn, ps, n_pairs), False, one(v), one(p), one(beta_w),
+                            None if delta is None else one(delta),
                             stride, beta_max, identity_below, projection_band, reflection_above, logit_saturation,
                             dtype)
     return block[0], mx[0]

@@ -11,7 +11,7 @@ import torch
 
 from probes import JsonlSink, MemorySink, Probe, TensorBoardSink
 from probes._finish import hist_quantile
-from tests.probes.conftest import batch, tiny
+from tests.probes.conftest import assert_stats_close, batch, tiny
 
 
 def _hook_count(model) -> int:
@@ -121,6 +121,34 @@ def test_device_scalars_travel_in_the_buffer():
     assert {k: sink.records[0].scalars[k] for k in sc} == {f"s{i}": float(i) for i in range(11)} | {"lr": 0.5}
     assert sink.records[1].scalars["loss"] == 2.5 and "s3" not in sink.records[1].scalars
     assert "beta_mean/mlp/L01" in sink.records[1].scalars
+
+
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_the_statistics_see_what_a_user_hook_makes_of_k_and_delta(d_v):
+    """With only the probe's observers on k_dir and write, the statistics make k from h and delta from v, p and
+    beta by the modules' formulas; a user's hook on them is seen as it is: an identity hook gives the same numbers,
+    one that doubles k and triples delta gives ||k|| = 2 and three times the update ratio."""
+    def run(k_hook, d_hook):
+        model = tiny(d_v=d_v)
+        for m in model.delta_residuals():
+            if k_hook:
+                m.k_dir.register_forward_hook(lambda mod, a, k: k_hook * k)
+            if d_hook:
+                m.write.register_forward_hook(lambda mod, a, d: d_hook * d)
+        x, sink = batch(model, 2), MemorySink()
+        with Probe(model, sinks=[sink]) as probe, torch.no_grad():
+            model(x, x)
+            made = [e is not None for e in probe._sh.eps]  # k made from h at these sites
+            probe.step(0)
+        assert made == [not k_hook] * len(made)
+        return sink.records[0].scalars
+
+    plain, same = run(None, None), run(1, 1)
+    assert_stats_close(same, plain, rtol=1e-6, atol=1e-7)
+    assert plain["k_unit_err/attn/L00"] < 1e-5
+    assert run(2, None)["k_unit_err/attn/L00"] == pytest.approx(1.0, abs=1e-5)
+    # the first site's update: its X is the embedding whatever the hooks do downstream
+    assert run(None, 3)["update_ratio/attn/L00"] == pytest.approx(3 * plain["update_ratio/attn/L00"], rel=1e-5)
 
 
 def test_fixed_beta_and_beta_range():

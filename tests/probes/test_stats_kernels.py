@@ -30,14 +30,17 @@ def sites(S, B, T, d, dv, x_dtype, h_dtype, device, seed=0, poison=False):
     return X, tuple(t.to(device) for t in h), tuple(t.to(device) for t in k)
 
 
-def check(device, S, B, T, d, dv, stride, x_dtype=torch.float32, h_dtype=torch.bfloat16, poison=False):
+def check(device, S, B, T, d, dv, stride, x_dtype=torch.float32, h_dtype=torch.bfloat16, poison=False, eps=None):
+    """``eps`` given: no k; both sides make it from h as ``ddl.delta.KDirection(eps)`` does."""
     from probes import _stats_kernels
 
     X, h, k = sites(S, B, T, d, dv, x_dtype, h_dtype, device, poison=poison)
+    if eps is not None:
+        k = None
     assert _stats_kernels.supported(X, h, k)
-    xn, kred = _stats_kernels.stacked_reduce(X, h, k, stride)
-    xn_ref, kred_ref = _stats.stacked_reduce(tuple(t.cpu() for t in X), tuple(t.cpu() for t in h),
-                                             tuple(t.cpu() for t in k), stride)
+    xn, kred = _stats_kernels.stacked_reduce(X, h, k, stride, eps)
+    cpu = lambda ts: None if ts is None else tuple(t.cpu() for t in ts)  # noqa: E731
+    xn_ref, kred_ref = _stats.stacked_reduce(cpu(X), cpu(h), cpu(k), stride, eps)
     names = ("hn", "kn", "nxt", "ksum", "conc", "nonfinite_h", "cos")
     for name, a, b in zip(("xn", *names), (xn, *kred), (xn_ref, *kred_ref), strict=True):
         assert a.shape == b.shape, name
@@ -61,17 +64,40 @@ def test_kernels_equal_the_torch_reductions_interpreted(S, B, T, d, dv, stride):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="needs triton importable and TRITON_INTERPRET=1 (its CPU interpreter)")
+@pytest.mark.parametrize("S,B,T,d,dv,stride", CASES)
+@pytest.mark.parametrize("eps", [1e-5, 0.7])
+def test_kernels_making_k_from_h_equal_the_torch_reductions_interpreted(S, B, T, d, dv, stride, eps):
+    check("cpu", S, B, T, d, dv, stride, x_dtype=torch.float32 if dv == 1 else torch.bfloat16, eps=eps)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs triton importable and TRITON_INTERPRET=1 (its CPU interpreter)")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on the NaN the test plants
 def test_kernels_count_non_finite_h_and_carry_nan_interpreted():
     check("cpu", 3, 2, 9, 40, 1, 2, poison=True)
+    check("cpu", 3, 2, 9, 40, 1, 2, poison=True, eps=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_k_made_from_h_is_k_dir_s_k(stride):
+    """The torch reference that makes k from h gives what it gives for ``ddl.delta.KDirection``'s own k."""
+    from ddl.delta import KDirection
+
+    X, h, _ = sites(3, 2, 10, 16, 2, torch.float32, torch.bfloat16, "cpu")
+    kdir = KDirection(0.3)
+    xn, red = _stats.stacked_reduce(X, h, None, stride, 0.3)
+    xn_k, red_k = _stats.stacked_reduce(X, h, tuple(kdir(t) for t in h), stride)
+    torch.testing.assert_close(xn, xn_k)
+    for a, b in zip(red, red_k, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and triton")
 @pytest.mark.parametrize("S,B,T,d,dv,stride", [*CASES, (24, 4, 256, 768, 1, 8), (24, 2, 256, 768, 4, 8)])
 def test_kernels_equal_the_torch_reductions_cuda(S, B, T, d, dv, stride):
-    check("cuda", S, B, T, d, dv, stride, x_dtype=torch.float32 if dv == 1 else torch.bfloat16)
-    check("cuda", 3, 2, 9, 40, 1, 2, poison=True)
+    for eps in (None, 1e-5):
+        check("cuda", S, B, T, d, dv, stride, x_dtype=torch.float32 if dv == 1 else torch.bfloat16, eps=eps)
+        check("cuda", 3, 2, 9, 40, 1, 2, poison=True, eps=eps)
 
 
 def test_unsupported_sites_are_refused():
@@ -84,3 +110,55 @@ def test_unsupported_sites_are_refused():
     assert _stats_kernels.supported(X, h, k)
     assert not _stats_kernels.supported(X, (h[0], h[1].float()), k)
     assert not _stats_kernels.supported(X, h, (k[0], k[1].transpose(0, 1)))
+    assert _stats_kernels.supported(X, h, None)
+    assert not _stats_kernels.supported(X, (h[0], h[1].transpose(0, 1)), None)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs triton importable and TRITON_INTERPRET=1 (its CPU interpreter)")
+@pytest.mark.parametrize("stride", [1, 3])
+def test_the_op_of_a_compiled_model_is_the_kernels_interpreted(stride):
+    """``deltascope::probe_rows`` passes torch.library's checks (its fake, under AOT dispatch) and gives the torch
+    reductions, k made from h."""
+    import probes._stats_kernels  # noqa: F401  (registers the op)
+
+    X, h, _ = sites(3, 2, 9, 40, 2, torch.bfloat16, torch.bfloat16, "cpu")
+    args = (list(X), list(h), [], stride, 1e-5)
+    torch.library.opcheck(torch.ops.deltascope.probe_rows.default, args)
+    got = torch.ops.deltascope.probe_rows(*args)
+    xn, red = _stats.stacked_reduce(X, h, None, stride, 1e-5)
+    for a, b in zip(got, (xn, *red), strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=2e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs triton importable and TRITON_INTERPRET=1 (its CPU interpreter)")
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_a_compiled_model_reduces_its_sites_in_one_op_interpreted(monkeypatch, d_v):
+    """In a model the user compiles (fullgraph), the log-step graph calls the op once for all sites, whose rows
+    the kernels read in place, and the statistics equal the eager probe's (torch ops there)."""
+    import torch._dynamo.testing
+
+    import probes._hooks
+    from probes import MemorySink, Probe
+    from tests.probes.conftest import assert_stats_close, batch, tiny
+
+    monkeypatch.setattr(probes._hooks, "KERNEL_DEVICES", ("cuda", "cpu"))
+    torch._dynamo.reset()
+    eager, twin = tiny(n_layer=2, block_size=16, d_v=d_v), tiny(n_layer=2, block_size=16, d_v=d_v)
+    twin.load_state_dict(eager.state_dict())
+    se, sc = MemorySink(), MemorySink()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    kw = {"every": 2, "token_stride": 3}
+    with Probe(eager, sinks=[se], **kw) as pe, Probe(twin, sinks=[sc], **kw) as pc:
+        compiled = torch.compile(twin, fullgraph=True, backend=counter)
+        for step in range(3):  # log, idle, log
+            x = batch(eager, 2, T=16, seed=step)
+            eager(x, x)[1].backward()
+            compiled(x, x)[1].backward()
+            pe.step(step)
+            pc.step(step)
+    calls = [sum(str(n.target).startswith("deltascope.probe_rows") for n in gm.graph.nodes) for gm in counter.graphs]
+    assert sorted(calls) == [0, 1]  # the idle graph and the log-step one
+    assert [r.step for r in sc.records] == [r.step for r in se.records] == [0, 2]
+    for a, b in zip(sc.records, se.records, strict=True):
+        assert_stats_close(a.scalars, b.scalars, rtol=1e-4, atol=1e-5)
+        assert {k: v.counts for k, v in a.hists.items()} == {k: v.counts for k, v in b.hists.items()}
