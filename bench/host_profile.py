@@ -53,7 +53,8 @@ def measure(name: str, args) -> dict:
         stats = pstats.Stats(prof)
         n = args.steps
         rows = [(tt / n * 1e3, ct / n * 1e3, nc / n, where(f)) for f, (_, nc, tt, ct, _) in stats.stats.items()]
-        res = {"variant": name, "batch": args.batch, "mode": args.mode, "step_ms": statistics.median(times) * 1e3,
+        res = {"variant": name, "batch": args.batch, "mode": args.mode, "probe": args.probe,
+               "step_ms": statistics.median(times) * 1e3,
                "profiled_step_ms": profiled * 1e3,
                "calls_per_step": sum(r[2] for r in rows),
                "own": [{"own_ms": a, "all_ms": b, "calls": c, "func": f}
@@ -76,6 +77,7 @@ def main() -> None:
                    help="torch.compile's mode")
     p.add_argument("--variants", default="additive,ddl_dv1,ddl_dv4_fused")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--probe", action="store_true", help="a Probe attached before the compile, stats every step")
     p.add_argument("--json", help="append results as JSON lines to this file")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -83,8 +85,8 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     for name in variant_names(args.variants):
         r = measure(name, args)
-        print(f"\n== {name} B={args.batch}: step {r['step_ms']:.2f} ms, under cProfile {r['profiled_step_ms']:.2f} ms, "
-              f"{r['calls_per_step']:.0f} Python calls a step")
+        print(f"\n== {name}{' probed' if args.probe else ''} B={args.batch}: step {r['step_ms']:.2f} ms, "
+              f"under cProfile {r['profiled_step_ms']:.2f} ms, {r['calls_per_step']:.0f} Python calls a step")
         for title, key in (("own time", "own"), ("with callees", "cumulative")):
             print(f"  -- by {title} (ms a step: own, with callees; calls a step)")
             for e in r[key]:

@@ -86,8 +86,10 @@ def generate(variant: str, preset: str, batch: int, seq: int, probe: bool = Fals
     cfg = with_overrides(presets[preset], **throughput.config_of(variant), block_size=seq)
     model = DDLModel(cfg)
     if probe:
+        import probes._hooks
         from probes import MemorySink, Probe
 
+        probes._hooks.KERNEL_DEVICES = ("cuda", "cpu")  # the op that reduces the sites' rows, as on CUDA
         Probe(model, every=1, sinks=[MemorySink()], host="thread")
     model = torch.compile(model)
     idx = torch.randint(0, cfg.vocab_size, (batch, seq + 1))

@@ -3,13 +3,18 @@
 
 Prints the median time of one call (CUDA events between ``--iters`` calls back to back), the kernels it
 launches with their time per call (torch.profiler), and the bytes it must read at least: every site's
-sampled rows of the state, h, k and k one token later once, the (B, T, 1..d_v) tensors whole.
+sampled rows of the state, h, k and k one token later once (h's for k's where k is made from h), the
+(B, T, 1..d_v) tensors whole.
 
     python bench/probe_stats.py [--kernels] [--dv 1] [--sites 24] [--batch 16] [--seq 1024] [--stride 8] [--json FILE]
 
 ``--kernels`` times the call as an eager CUDA probe makes it: ``probes._stats_kernels``' two Triton launches for
 the reductions over the sampled rows, then the compiled ``_stats.stacked_finish``; without it, the compiled
 ``_stats.stacked_block`` alone (the same statistics as inductor writes them, as inside a compiled model).
+
+By default k and delta are made in the statistics from h, and from v, p and beta, as the probe does for a
+``DDLModel`` (``--kernels`` is then what a compiled model's op ``deltascope::probe_rows`` runs); ``--given-k`` hands
+them over, as the hooks do for another k_dir or write.
 
 ``--impl MODULE`` times another module's ``stacked_block`` (same signature), for A/B runs.
 """
@@ -27,6 +32,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from probes._hooks import FUSE_OPTIONS, widen_pointwise_cat
 from server.thresholds import Thresholds
+
+EPS = 1e-5
+"""k_dir's eps where k is made from h (``ddl.DDLConfig.k_eps``'s default)."""
 
 
 def inputs(sites: int, B: int, T: int, d: int, dv: int, device: str) -> tuple:
@@ -49,8 +57,10 @@ def inputs(sites: int, B: int, T: int, d: int, dv: int, device: str) -> tuple:
 
 def floor_bytes(args: tuple, stride: int) -> int:
     X, logit, h, k, v, p, beta, delta = args
-    sampled = sum(t[:, ::stride].numel() * t.element_size() for t in (*X, *h, *k, *k))  # k, and k a token on
-    return sampled + sum(t.numel() * t.element_size() for t in (*logit, *v, *p, *beta, *delta))
+    ks = h if k is None else k  # k made from h: h's rows stand in for k's
+    sampled = sum(t[:, ::stride].numel() * t.element_size() for t in (*X, *h, *ks, *ks))  # k, and k a token on
+    whole = (*logit, *v, *p, *beta, *(() if delta is None else delta))
+    return sampled + sum(t.numel() * t.element_size() for t in whole)
 
 
 def main() -> None:
@@ -65,8 +75,10 @@ def main() -> None:
     ap.add_argument("--impl", default="probes._stats", help="module holding stacked_block")
     ap.add_argument("--kernels", action="store_true", help="the Triton reductions (probes._stats_kernels), then "
                     "the compiled stacked_finish, as the probe runs eagerly on CUDA")
-    ap.add_argument("--launches", help="with --kernels: (ROWS,BLOCK,WARPS) of probes._stats_kernels to sweep, "
-                    "';'-separated, e.g. '4,256,4;8,256,8'")
+    ap.add_argument("--given-k", action="store_true", help="the hooks hand over k and delta (a k_dir or write "
+                    "other than ddl.delta's); default: made from h, and from v, p and beta, as for a DDLModel")
+    ap.add_argument("--launches", help="with --kernels: (ROWS,BLOCK,WARPS[,XBLOCK]) of probes._stats_kernels to "
+                    "sweep, ';'-separated, e.g. '4,256,4;2,256,2,1024'")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -77,6 +89,10 @@ def main() -> None:
     widen_pointwise_cat(a.sites)
     impl = importlib.import_module(a.impl)
     args = inputs(a.sites, a.batch, a.seq, a.d, a.dv, "cuda")
+    eps = None if a.given_k else EPS
+    if not a.given_k:
+        X, logit, h, k, v, p, beta, delta = args
+        args = (X, logit, h, None, v, p, beta, None)
     t = Thresholds()
     consts = (2.0, t.identity_below, t.projection_band, t.reflection_above, t.logit_saturation)
     if a.kernels:  # as the probe runs it eagerly on CUDA: the Triton reductions, then the compiled rest
@@ -87,24 +103,26 @@ def main() -> None:
 
         def call():
             with torch.no_grad():
-                red = _stats_kernels.stacked_reduce(X, h, k, a.stride)
+                red = _stats_kernels.stacked_reduce(X, h, k, a.stride, eps)
                 return finish(*red, logit, v, p, beta, delta, a.stride, *consts, torch.float64)
     else:
         fn = torch.compile(impl.stacked_block, fullgraph=True, options=FUSE_OPTIONS)
 
         def call():
             with torch.no_grad():
-                return fn(*args, a.stride, *consts, torch.float64)
+                return fn(*args, a.stride, *consts, torch.float64, eps)
 
     launches = [tuple(int(x) for x in e.split(",")) for e in a.launches.split(";")] if a.launches else [None]
     for launch in launches:
         if launch is not None:
             from probes import _stats_kernels
 
-            _stats_kernels.ROWS, _stats_kernels.BLOCK, _stats_kernels.WARPS = launch
+            _stats_kernels.ROWS, _stats_kernels.BLOCK, _stats_kernels.WARPS = launch[:3]
+            _stats_kernels.XBLOCK = launch[3] if len(launch) > 3 else _stats_kernels.BLOCK
         ms, kern = measure(call, a.iters)
         floor = floor_bytes(args, a.stride)
-        res = {"impl": a.impl, "kernels": a.kernels, "launch": launch, "dv": a.dv, "sites": a.sites, "batch": a.batch,
+        res = {"impl": a.impl, "kernels": a.kernels, "given_k": a.given_k, "launch": launch, "dv": a.dv,
+               "sites": a.sites, "batch": a.batch,
                "seq": a.seq, "stride": a.stride, "median_ms": round(ms, 4),
                "launches": sum(n for n, _ in kern.values()), "kernel_ms": round(sum(t for _, t in kern.values()), 4),
                "floor_mb": round(floor / 1e6, 1), "device": torch.cuda.get_device_name(), "torch": torch.__version__}

@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -105,7 +106,33 @@ def built(name: str, args, mode: str | None) -> tuple:
                  "it would time the unfused path")
     model = DDLModel(cfg).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    return cfg, model, opt, step_fn(model if mode is None else torch.compile(model, mode=mode), opt, torch.bfloat16)
+    probe = probed(model) if getattr(args, "probe", False) else None
+    step = step_fn(model if mode is None else torch.compile(model, mode=mode), opt, torch.bfloat16)
+    if probe is not None:
+        step = probe_every_step(step, probe)
+    return cfg, model, opt, step
+
+
+def probed(model):
+    """A Probe with statistics every step, attached before the compile, writing JSONL under a temporary
+    directory (the profilers' ``--probe``)."""
+    import tempfile
+
+    from probes import JsonlSink, Probe
+
+    return Probe(model, every=1, sinks=[JsonlSink(Path(tempfile.mkdtemp(prefix="deltascope-bench-")) / "s.jsonl")])
+
+
+def probe_every_step(step, probe):
+    """``step`` followed by ``probe.step``, as a training loop with a probe calls them."""
+    n = iter(range(1 << 62))
+
+    def probed_step(x, y):
+        loss = step(x, y)
+        probe.step(next(n), scalars={"loss": loss.detach()})
+        return loss
+
+    return probed_step
 
 
 def warmed(name: str, args, mode: str | None) -> tuple:
