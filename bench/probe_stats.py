@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import time
 from collections import defaultdict
 
 import torch
@@ -75,6 +76,8 @@ def main() -> None:
     ap.add_argument("--impl", default="probes._stats", help="module holding stacked_block")
     ap.add_argument("--kernels", action="store_true", help="the Triton reductions (probes._stats_kernels), then "
                     "the compiled stacked_finish, as the probe runs eagerly on CUDA")
+    ap.add_argument("--op", action="store_true", help="the op deltascope::probe_rows alone (the reductions a "
+                    "compiled model calls), to see its host time")
     ap.add_argument("--given-k", action="store_true", help="the hooks hand over k and delta (a k_dir or write "
                     "other than ddl.delta's); default: made from h, and from v, p and beta, as for a DDLModel")
     ap.add_argument("--launches", help="with --kernels: (ROWS,BLOCK,WARPS[,XBLOCK]) of probes._stats_kernels to "
@@ -105,6 +108,16 @@ def main() -> None:
             with torch.no_grad():
                 red = _stats_kernels.stacked_reduce(X, h, k, a.stride, eps)
                 return finish(*red, logit, v, p, beta, delta, a.stride, *consts, torch.float64)
+    elif a.op:  # the reductions alone, as a compiled model calls them: the op, through the dispatcher
+        from probes import _stats_kernels  # noqa: F401  (registers the op)
+
+        X, logit, h, k, v, p, beta, delta = args
+        if k is not None:
+            ap.error("--op makes k from h: drop --given-k")
+
+        def call():
+            with torch.no_grad():
+                return torch.ops.deltascope.probe_rows(list(X), list(h), [], a.stride, eps)
     else:
         fn = torch.compile(impl.stacked_block, fullgraph=True, options=FUSE_OPTIONS)
 
@@ -120,20 +133,34 @@ def main() -> None:
             _stats_kernels.ROWS, _stats_kernels.BLOCK, _stats_kernels.WARPS = launch[:3]
             _stats_kernels.XBLOCK = launch[3] if len(launch) > 3 else _stats_kernels.BLOCK
         ms, kern = measure(call, a.iters)
+        host_us = host_time(call, a.iters)
         floor = floor_bytes(args, a.stride)
         res = {"impl": a.impl, "kernels": a.kernels, "given_k": a.given_k, "launch": launch, "dv": a.dv,
                "sites": a.sites, "batch": a.batch,
-               "seq": a.seq, "stride": a.stride, "median_ms": round(ms, 4),
+               "seq": a.seq, "stride": a.stride, "op": a.op, "median_ms": round(ms, 4), "host_us": round(host_us, 1),
                "launches": sum(n for n, _ in kern.values()), "kernel_ms": round(sum(t for _, t in kern.values()), 4),
                "floor_mb": round(floor / 1e6, 1), "device": torch.cuda.get_device_name(), "torch": torch.__version__}
-        print(f"{a.impl}{' (kernels)' if a.kernels else ''}{f' {launch}' if launch else ''} d_v={a.dv}: {ms:.3f} ms "
-              f"a call, {res['launches']} launches, kernels {res['kernel_ms']:.3f} ms; reads "
+        print(f"{a.impl}{' (kernels)' if a.kernels else ''}{' (op)' if a.op else ''}{f' {launch}' if launch else ''} "
+              f"d_v={a.dv}: {ms:.3f} ms a call, host {host_us:.0f} us a call, {res['launches']} launches, "
+              f"kernels {res['kernel_ms']:.3f} ms; reads "
               f"at least {floor / 1e6:.0f} MB ({floor / 3e9:.3f} ms at 3 TB/s)")
         for name, (n, tm) in sorted(kern.items(), key=lambda kv: -kv[1][1])[: a.top]:
             print(f"  {tm:7.3f} ms {n:4d} x {name[:100]}")
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(res) + "\n")
+
+
+def host_time(call, iters: int) -> float:
+    """Microseconds of host time a call: calls back to back with no sync between them (few enough that the
+    launch queue never fills), then one sync."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        call()
+    t = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return t / iters * 1e6
 
 
 def measure(call, iters: int, profiled: int = 5) -> tuple[float, dict[str, list]]:
