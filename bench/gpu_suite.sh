@@ -25,6 +25,7 @@ if [[ $what == host || $what == all ]]; then
   python3 bench/throughput.py --preset small --batch 1 --seq 1024 --steps 40 --compile --sync both \
     --variants additive,ddl_dv1,ddl_dv4_fused --json "$OUT/ratios-b1.jsonl"
   python3 bench/host_profile.py --variants additive,ddl_dv4_fused --steps 15 --json "$OUT/host-profile.jsonl"
+  python3 bench/host_profile.py --variants ddl_dv4_fused --steps 15 --probe --json "$OUT/host-profile.jsonl"
 fi
 if [[ $what == kernels || $what == all ]]; then
   python3 bench/fused_kernels.py --json "$OUT/fused-kernels.jsonl"
@@ -35,6 +36,11 @@ if [[ $what == stats || $what == all ]]; then
   python3 bench/probe_stats.py --json "$OUT/probe-stats.jsonl"
   python3 bench/probe_stats.py --kernels --launches "2,256,2;4,256,4;4,512,4" --json "$OUT/probe-stats.jsonl"
   python3 bench/probe_stats.py --kernels --dv 4 --json "$OUT/probe-stats.jsonl"
+  # d_v = 4: k handed over against k made from h (the default), the state's chunk, and the op a compiled model calls
+  python3 bench/probe_stats.py --kernels --dv 4 --given-k --json "$OUT/probe-stats.jsonl"
+  python3 bench/probe_stats.py --kernels --dv 4 --launches "2,256,2,256;2,256,2,1024;1,256,2,1024" \
+    --json "$OUT/probe-stats.jsonl"
+  python3 bench/probe_stats.py --op --dv 4 --json "$OUT/probe-stats.jsonl"
 fi
 # overhead takes over 600 s: on a machine with a per-call limit run its parts, each about 200 s
 if [[ $what == overhead || $what == overhead-eager || $what == all ]]; then
