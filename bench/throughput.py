@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import statistics
 import sys
@@ -125,7 +126,7 @@ def probed(model):
 
 def probe_every_step(step, probe):
     """``step`` followed by ``probe.step``, as a training loop with a probe calls them."""
-    n = iter(range(1 << 62))
+    n = itertools.count()
 
     def probed_step(x, y):
         loss = step(x, y)

@@ -248,14 +248,12 @@ class _Shared:
                 return None  # a k of the user's own k_dir: the inlined torch ops read it where inductor puts it
             xn, *red = torch.ops.deltascope.probe_rows(list(X), list(h), [], self.stride, eps)
             return xn, tuple(red)
-        if not self._fusing():
+        if not self._fusing() or (kern := self._stats_kernels) is None:
             return None
         try:
-            from probes import _stats_kernels
-
-            if not _stats_kernels.supported(X, h, k):
+            if not kern.supported(X, h, k):
                 return None
-            return _stats_kernels.stacked_reduce(X, h, k, self.stride, eps)
+            return kern.stacked_reduce(X, h, k, self.stride, eps)
         except Exception as e:  # never let the statistics take training down: the compiled path from now on
             log.warning("probe statistics kernels failed, using the compiled statistics: %r", e)
             self.kernels = False

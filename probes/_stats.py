@@ -97,25 +97,18 @@ def unit(h: torch.Tensor, eps: float) -> torch.Tensor:
     return h * torch.rsqrt(h.square().sum(-1, keepdim=True) + eps**2)
 
 
-def sample(X: torch.Tensor, h: torch.Tensor, k: torch.Tensor | None, prev: torch.Tensor | None, stride: int,
-           eps: float | None = None
+def sample(X: torch.Tensor, h: torch.Tensor, k: torch.Tensor, prev: torch.Tensor | None, stride: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     """One site's (B, T, ...) state, h, k and previous-site k -> the sampled token positions
     t = 0, s, 2s, ... (views, no copy in eager), each with a leading site axis of 1: (X, h, k,
     k at t + 1, prev, number of (t, t + 1) pairs). Compiled, k at t + 1 is a rolled k, as long
     as k: every per-token reduction then shares one iteration space and fuses into one kernel;
-    the wrapped pair past the end is dropped afterwards (``k_reduce``'s ``n_pairs``).
-    ``k`` None: k is :func:`unit` of h with ``eps``, made for the sampled rows only."""
-    T = h.shape[1]
+    the wrapped pair past the end is dropped afterwards (``k_reduce``'s ``n_pairs``)."""
+    T = k.shape[1]
     n_pairs = len(range(1, T, stride))
-    src = h if k is None else k
-    nxt = torch.roll(src, -1, dims=1)[:, ::stride] if torch.compiler.is_compiling() else src[:, 1::stride]
+    k_next = torch.roll(k, -1, dims=1)[:, ::stride] if torch.compiler.is_compiling() else k[:, 1::stride]
     one = lambda x: x[:, ::stride].unsqueeze(0)  # noqa: E731
-    ks = one(src)
-    if k is None:
-        assert eps is not None, "k made from h needs k_dir's eps"
-        ks, nxt = unit(ks, eps), unit(nxt, eps)
-    return one(X), one(h), ks, nxt.unsqueeze(0), None if prev is None else one(prev), n_pairs
+    return one(X), one(h), one(k), k_next.unsqueeze(0), None if prev is None else one(prev), n_pairs
 
 
 def k_reduce(h: torch.Tensor, k: torch.Tensor, k_next: torch.Tensor, prev: torch.Tensor | None, n_pairs: int
@@ -217,8 +210,7 @@ def stacked_reduce(X: tuple[torch.Tensor, ...], h: tuple[torch.Tensor, ...], k: 
     sample would be copied once more before the norms read it. ``probes._stats_kernels.stacked_reduce`` is
     the same in two Triton launches (eagerly on CUDA; in a compiled model, as the op ``deltascope::probe_rows``)."""
     derive = k is None
-    sampled = [sample(Xi, hi, hi if derive else ki, None, stride) for Xi, hi, ki in zip(X, h, h if derive else k,
-                                                                                       strict=True)]
+    sampled = [sample(Xi, hi, ki, None, stride) for Xi, hi, ki in zip(X, h, h if derive else k, strict=True)]
     hs, ks, kn = (torch.cat(col) for col in list(zip(*sampled, strict=True))[1:4])
     if derive:  # the rows of h stood in for k's
         assert eps is not None, "k made from h needs k_dir's eps"
