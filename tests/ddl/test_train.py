@@ -70,14 +70,21 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, cache: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_gloo_matches_one_process(cache, tmp_path):
-    """2 ranks x 4 sequences == 1 process x 8 sequences: same data, averaged gradients."""
+    """2 ranks x 4 sequences == 1 process x 8 sequences: same data, averaged gradients.
+
+    The two sum the gradients in different orders. AdamW divides each gradient by its running size, so
+    where an element's gradient is near zero a rounding difference can move that weight by ~1e-5 (seen on
+    one CPU model: 5 elements of 0.53M past 1e-5, the largest 1.9e-5, the mean 1e-8). A rank training on its
+    own half instead differs by 4e-3 on average and 2e-2 at most: both bounds sit far below that."""
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(cache)), nprocs=2, join=True)
     train(tiny(tmp_path / "single", batch_size=8))
     a = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "single" / "ckpt.pt", weights_only=False)["model"]
     assert a.keys() == b.keys()
+    diff = torch.cat([(a[k].double() - b[k].double()).abs().flatten() for k in a])
+    assert diff.mean() < 1e-6, diff.mean()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
 @pytest.mark.slow
