@@ -8,8 +8,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 REQ_HASH := $(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -c1-12)
 STAMP  := $(VENV)/.stamp-$(REQ_HASH)
+# triton beside the venv, on PYTHONPATH for the kernels' pass only (requirements-kernels.txt says why)
+KERNELS := $(VENV)/triton-interpret
+KSTAMP  := $(KERNELS)/.stamp-$(shell sha256sum requirements-kernels.txt | cut -c1-12)
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-kernels test-fast lint clean
 
 setup: $(STAMP)
 
@@ -22,6 +25,11 @@ $(STAMP):
 	rm -f $(VENV)/.stamp-*
 	touch $@
 
+$(KSTAMP): $(STAMP) requirements-kernels.txt
+	rm -rf $(KERNELS)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --target $(KERNELS) -r requirements-kernels.txt
+	touch $@
+
 system-deps:
 	sh scripts/system-deps.sh
 
@@ -30,6 +38,14 @@ demo: setup
 
 test: setup system-deps
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup
+	$(MAKE) --no-print-directory test-kernels
+
+# the Triton kernels against their torch and float64 references on CPU tensors, under Triton's interpreter;
+# the import check fails the pass where triton is missing, instead of letting every test skip
+test-kernels: $(KSTAMP)
+	PYTHONPATH=$(KERNELS) $(PY) -c "import triton"
+	PYTHONPATH=$(KERNELS) TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 -m kernels \
+		tests/ddl/test_fused.py tests/probes/test_stats_kernels.py
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow"

@@ -2,7 +2,8 @@
 
 Each numerics test runs the op's two implementations: 'torch' (its PyTorch formulas, hand-written
 backward included: always) and 'triton' (the real kernels on CPU tensors under Triton's interpreter:
-only when triton is importable and TRITON_INTERPRET=1 was set before the run). The gpu-marked tests
+only when triton is importable and TRITON_INTERPRET=1 was set before the run: ``make test-kernels``, part
+of ``make test``, runs those, marked ``kernels``). The gpu-marked tests
 run the kernels compiled, on CUDA. d_v = 1 (a d-vector state, its own multi-row kernel) and d_v > 1
 (a d x d_v state, a tile kernel) throughout; d_v = 3 masks the value lanes.
 """
@@ -41,7 +42,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
 TOL_INTERPRETED = {**TOL, torch.bfloat16: 2**-6}
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.kernels)])
 def impl(request, monkeypatch):
     """Which implementation the op runs on CPU tensors."""
     if request.param == "torch":
@@ -577,6 +578,7 @@ def test_cuda_folded_readout_matches_float64(x_dtype, h_dtype, launch):
         assert_near(a, b, TOL[x_dtype if n == "W" else leaf.dtype], f"grad_{n}")
 
 
+@pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
 @pytest.mark.parametrize(("d_v", "launch"), [(1, (1, 1)), (1, (4, 2)), (1, (8, 4)), (4, (1, 1)), (4, (3, 8)),
                                              (4, ("chunk", 4, 1)), (4, ("chunk", 16, 2)), (3, (1, 4))])
@@ -600,6 +602,7 @@ def test_launch_shapes_give_the_default_result(d_v, launch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
 @pytest.mark.parametrize("launch", [(1, 2), (3, 4), (16, 8), ("chunk", 4, 1), ("chunk", 16, 2)])
 def test_folded_launch_shapes_give_the_default_result(launch):
@@ -623,6 +626,7 @@ def test_folded_launch_shapes_give_the_default_result(launch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
 def test_kernel_benchmark_runs_under_the_interpreter(tmp_path):
     """bench/fused_kernels.py end to end on a tiny shape: every launch it sweeps runs and is recorded."""
@@ -635,7 +639,8 @@ def test_kernel_benchmark_runs_under_the_interpreter(tmp_path):
     out = tmp_path / "k.jsonl"
     res = subprocess.run([sys.executable, str(root / "bench" / "fused_kernels.py"), "--tokens", "8", "--d", "16",
                           "--iters", "1", "--json", str(out)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": str(root)})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root),
+                                                                                        os.environ.get("PYTHONPATH")]))})
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {(r["d_v"], r["read"]) for r in rows} == {(1, False), (4, False), (4, True)}

@@ -16,7 +16,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def registers(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # a triton on it stays
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": path}
     return subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_registers.py"), *args], capture_output=True,
                           text=True, timeout=600, env=env)
 

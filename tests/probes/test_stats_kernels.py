@@ -1,6 +1,7 @@
 """The eager probe's Triton reductions (``probes._stats_kernels``) equal ``_stats.stacked_reduce``, the torch
 reference, on fresh random inputs: under Triton's CPU interpreter (triton importable and TRITON_INTERPRET=1 set
-before the run) and on CUDA (``-m gpu``). Without either they skip."""
+before the run: ``make test-kernels``, part of ``make test``, runs the ``kernels``-marked ones) and on CUDA
+(``-m gpu``). Without either they skip."""
 
 from __future__ import annotations
 
@@ -57,12 +58,14 @@ CASES = [  # sites, B, T, d, d_v, token stride
 ]
 
 
+@pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="needs triton importable and TRITON_INTERPRET=1 (its CPU interpreter)")
 @pytest.mark.parametrize("S,B,T,d,dv,stride", CASES)
 def test_kernels_equal_the_torch_reductions_interpreted(S, B, T, d, dv, stride):
     check("cpu", S, B, T, d, dv, stride, x_dtype=torch.float32 if dv == 1 else torch.bfloat16)
 
 
+@pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="needs triton importable and TRITON_INTERPRET=1 (its CPU interpreter)")
 @pytest.mark.parametrize("S,B,T,d,dv,stride", CASES)
 @pytest.mark.parametrize("eps", [1e-5, 0.7])
@@ -70,6 +73,7 @@ def test_kernels_making_k_from_h_equal_the_torch_reductions_interpreted(S, B, T,
     check("cpu", S, B, T, d, dv, stride, x_dtype=torch.float32 if dv == 1 else torch.bfloat16, eps=eps)
 
 
+@pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="needs triton importable and TRITON_INTERPRET=1 (its CPU interpreter)")
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on the NaN the test plants
 def test_kernels_count_non_finite_h_and_carry_nan_interpreted():
@@ -100,6 +104,7 @@ def test_kernels_equal_the_torch_reductions_cuda(S, B, T, d, dv, stride):
         check("cuda", 3, 2, 9, 40, 1, 2, poison=True, eps=eps)
 
 
+@pytest.mark.kernels
 def test_unsupported_sites_are_refused():
     """Mixed dtypes or a non-contiguous tensor take the compiled torch path instead (no kernel launch)."""
     if not HAS_TRITON:
@@ -114,6 +119,7 @@ def test_unsupported_sites_are_refused():
     assert not _stats_kernels.supported(X, (h[0], h[1].transpose(0, 1)), None)
 
 
+@pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="needs triton importable and TRITON_INTERPRET=1 (its CPU interpreter)")
 @pytest.mark.parametrize("stride", [1, 3])
 def test_the_op_of_a_compiled_model_is_the_kernels_interpreted(stride):
@@ -130,6 +136,7 @@ def test_the_op_of_a_compiled_model_is_the_kernels_interpreted(stride):
         torch.testing.assert_close(a, b.float(), rtol=2e-5, atol=1e-4)
 
 
+@pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="needs triton importable and TRITON_INTERPRET=1 (its CPU interpreter)")
 @pytest.mark.parametrize("d_v", [1, 4])
 def test_a_compiled_model_reduces_its_sites_in_one_op_interpreted(monkeypatch, d_v):
