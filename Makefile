@@ -25,7 +25,7 @@ $(STAMP):
 	rm -f $(VENV)/.stamp-*
 	touch $@
 
-$(KSTAMP): $(STAMP) requirements-kernels.txt
+$(KSTAMP): | $(STAMP)
 	rm -rf $(KERNELS)
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --target $(KERNELS) -r requirements-kernels.txt
 	touch $@
