@@ -16,7 +16,9 @@ the two in turn and prints both.
 
 A variant name may carry a suffix that flips a code path for it alone, for an A/B in one process:
 ``:gemv`` runs ``NarrowLinear`` as a plain ``nn.Linear`` (the gate and value heads as GEMV launches,
-as before they were written as reductions); ``:fold`` and ``:nofold`` set ``ddl.fused.FOLD_READOUT`` to True
+as before they were written as reductions); ``:mm`` and ``:nomm`` take the weights' gradients of those heads as one
+matmul over the tokens each, or as column sums, whatever the model's size (``NarrowLinear.MM_WEIGHT_GRAD``; by
+default d_v > 1 models take the matmul); ``:fold`` and ``:nofold`` set ``ddl.fused.FOLD_READOUT`` to True
 and False (each fused update also makes the next CC readout, or none does; by default it does when compiled),
 e.g. ``ddl_dv4_fused:nofold``.
 """
@@ -47,7 +49,7 @@ VARIANTS = {
 }
 
 
-SUFFIXES = ("gemv", "fold", "nofold")
+SUFFIXES = ("gemv", "mm", "nomm", "fold", "nofold")
 
 
 def variant_names(spec: str) -> list[str]:
@@ -72,14 +74,15 @@ def switched(name: str):
     """The code path a variant's suffix asks for, while the block runs; dynamo reset after it, since it
     does not guard on the swapped forward and would reuse this variant's graphs for the next."""
     suffix = name.partition(":")[2]
-    forward, fold = layers.NarrowLinear.forward, fused.FOLD_READOUT
+    forward, fold, mm = layers.NarrowLinear.forward, fused.FOLD_READOUT, layers.NarrowLinear.MM_WEIGHT_GRAD
     if suffix == "gemv":
         layers.NarrowLinear.forward = nn.Linear.forward
+    layers.NarrowLinear.MM_WEIGHT_GRAD = {"mm": True, "nomm": False}.get(suffix, mm)
     fused.FOLD_READOUT = {"fold": True, "nofold": False}.get(suffix, fold)
     try:
         yield
     finally:
-        layers.NarrowLinear.forward, fused.FOLD_READOUT = forward, fold
+        layers.NarrowLinear.forward, fused.FOLD_READOUT, layers.NarrowLinear.MM_WEIGHT_GRAD = forward, fold, mm
         torch._dynamo.reset()
 
 

@@ -138,6 +138,9 @@ class DeltaResidual(nn.Module):
                 nn.Linear(cfg.d_model, r, bias=False), nn.SiLU(), nn.Linear(r, cfg.d_model, bias=False)
             )
         self.v_proj = NarrowLinear(cfg.d_model, cfg.d_v, bias=True)
+        for head in (self.v_proj, self.beta_gate.logit):
+            if isinstance(head, NarrowLinear):  # weight gradients as matmuls: faster at d_v > 1 only
+                head.mm_grad = cfg.d_v > 1
         self.v_scale = cfg.v_scale
         self.fused_delta = cfg.fused_delta
 

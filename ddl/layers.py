@@ -26,6 +26,29 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
+class _NarrowProduct(torch.autograd.Function):
+    """y[..., o] = sum_n x[..., n] w[o, n] in fp32, written as products and sums (inductor fuses them into the kernel
+    that makes x), with w's gradient as one matmul over the tokens, G^T x in x's dtype (a cuBLAS launch reading x
+    once) rather than a column sum per output, which inductor writes as a partial sum into a (1024, n) workspace
+    finished by another launch for each."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        x32, w32 = x.float(), w.float()
+        return torch.stack([(x32 * w32[o]).sum(-1) for o in range(w.shape[0])], -1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = ctx.saved_tensors
+        gx = (g.unsqueeze(-1) * w.float()).sum(-2).to(x.dtype)
+        rows = g.reshape(-1, w.shape[0]).t().to(x.dtype)  # (o, tokens), as autocast's Linear rounds it
+        return gx, torch.mm(rows, x.reshape(-1, w.shape[1])).to(w.dtype)
+
+
 class NarrowLinear(nn.Linear):
     """A Linear with a few outputs (the gate's logit, the value head): nn.Linear's parameters, state
     dict and hooks, computed under ``torch.compile`` as a product and a sum over the input, in fp32.
@@ -34,16 +57,28 @@ class NarrowLinear(nn.Linear):
     written as a reduction, inductor fuses it into the kernel that produces that input (the RMSNorm
     before the gate, the update before the value head). Eager keeps ``F.linear``: there the product
     would be materialised. The compiled output is fp32, the eager one autocast's dtype; callers take
-    ``.float()`` either way."""
+    ``.float()`` either way.
+
+    ``mm_grad`` (an attribute; ``DeltaResidual`` sets it for d_v > 1): compiled, with at most 8 outputs, the
+    weight's gradient is one matmul over the tokens (``_NarrowProduct``) instead of a column sum per output.
+    On an H100 (small preset, docs/PERFORMANCE.md) it made the d_v = 4 step 0.3-0.6 ms faster and the d_v = 1
+    step about 1.3 ms slower. ``MM_WEIGHT_GRAD``, unless None, overrides every layer's choice (benchmarks)."""
+
+    MM_WEIGHT_GRAD: bool | None = None
+    mm_grad = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             return super().forward(x)
-        x, w = x.float(), self.weight.float()
-        if self.out_features <= 8:  # one read of each input row feeds every output's reduction
-            y = torch.stack([(x * w[o]).sum(-1) for o in range(self.out_features)], -1)
+        mm = self.mm_grad if self.MM_WEIGHT_GRAD is None else self.MM_WEIGHT_GRAD
+        if mm and self.out_features <= 8:
+            y = _NarrowProduct.apply(x, self.weight)
         else:
-            y = (x.unsqueeze(-2) * w).sum(-1)
+            x, w = x.float(), self.weight.float()
+            if self.out_features <= 8:  # one read of each input row feeds every output's reduction
+                y = torch.stack([(x * w[o]).sum(-1) for o in range(self.out_features)], -1)
+            else:
+                y = (x.unsqueeze(-2) * w).sum(-1)
         return y if self.bias is None else y + self.bias.float()
 
 

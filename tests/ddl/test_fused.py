@@ -776,6 +776,10 @@ def test_benchmark_variant_switches_flip_the_code_path_and_restore_it(monkeypatc
         assert fused.FOLD_READOUT is None
     with throughput.switched("ddl_dv1:gemv"):
         assert layers.NarrowLinear.forward is torch.nn.Linear.forward
+    for suffix, want in (("mm", True), ("nomm", False)):
+        with throughput.switched(f"ddl_dv1:{suffix}"):
+            assert layers.NarrowLinear.MM_WEIGHT_GRAD is want
+    assert layers.NarrowLinear.MM_WEIGHT_GRAD is None
     assert layers.NarrowLinear.forward is not torch.nn.Linear.forward
     with pytest.raises(SystemExit, match="unknown variant 'ddl_dv4_fused:fast'"):
         throughput.config_of("ddl_dv4_fused:fast")

@@ -151,14 +151,17 @@ def test_bad_config_is_rejected_with_the_field_named():
         DDLModel(DDLConfig(**SMALL))(torch.zeros(1, 30, dtype=torch.long))
 
 
+@pytest.mark.parametrize("mm", [False, True], ids=["colsum", "mmgrad"])
 @pytest.mark.parametrize("out", [1, 4, 16])
-def test_narrow_linear_compiled_equals_linear(out):
+def test_narrow_linear_compiled_equals_linear(out, mm):
     """Under torch.compile NarrowLinear is a product and a sum in fp32; it must give nn.Linear's
-    result and gradients (to bf16 rounding under autocast) and keep its parameters' names."""
+    result and gradients (to bf16 rounding under autocast) and keep its parameters' names, with its
+    weight's gradient as autograd's column sums or as one matmul (``mm_grad``)."""
     from ddl.layers import NarrowLinear
 
     torch.manual_seed(0)
     ref, nl = torch.nn.Linear(48, out), NarrowLinear(48, out)
+    nl.mm_grad = mm
     nl.load_state_dict(ref.state_dict())
     assert list(nl.state_dict()) == ["weight", "bias"]
     x = torch.randn(3, 5, 48)
@@ -170,7 +173,23 @@ def test_narrow_linear_compiled_equals_linear(out):
         assert got.dtype == torch.float32  # the compiled form keeps fp32; callers take .float() anyway
         tol = 2e-2 if amp else 1e-5
         torch.testing.assert_close(got, want.float(), atol=tol, rtol=tol)
-    gw = torch.autograd.grad(ref(x).square().sum(), ref.weight)[0]
-    gn = torch.autograd.grad(compiled(x).square().sum(), nl.weight)[0]
-    torch.testing.assert_close(gn, gw, atol=1e-4, rtol=1e-4)
+    xr, xn = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = torch.autograd.grad(ref(xr).square().sum(), (xr, ref.weight, ref.bias))
+    for backend in ("eager", "aot_eager"):  # aot_eager: the backward as AOTAutograd traces it for inductor
+        got = torch.autograd.grad(torch.compile(nl, backend=backend, fullgraph=True)(xn).square().sum(),
+                                  (xn, nl.weight, nl.bias))
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        torch._dynamo.reset()
     assert nl(x).dtype == torch.float32 and torch.equal(nl(x), ref(x))  # eager: F.linear itself
+
+
+def test_heads_take_matmul_weight_grads_at_dv_above_one():
+    """The gate's and value head's weight gradients are matmuls in d_v > 1 models only (faster there, slower at
+    d_v = 1 on an H100); the bench's override beats each layer's choice."""
+    from ddl.layers import NarrowLinear
+
+    for d_v, want in ((1, False), (4, True)):
+        site = DDLModel(DDLConfig(**{**SMALL, "d_v": d_v})).delta_residuals()[0]
+        assert site.v_proj.mm_grad is want and site.beta_gate.logit.mm_grad is want
+    assert NarrowLinear.MM_WEIGHT_GRAD is None
