@@ -117,7 +117,7 @@ def main() -> None:
 
         def call():
             with torch.no_grad():
-                return torch.ops.deltascope.probe_rows(list(X), list(h), [], a.stride, eps)
+                return torch.ops.deltascope.probe_rows(list(X), list(h), [], list(p), a.stride, eps)
     else:
         fn = torch.compile(impl.stacked_block, fullgraph=True, options=FUSE_OPTIONS)
 

@@ -102,6 +102,10 @@ def _kernels_module() -> Any:
     return _stats_kernels
 
 
+_Rows = tuple[torch.Tensor, ...] | torch.Tensor
+"""The sites' tensors of one role: one a site, or stacked along a site axis."""
+
+
 class _Shared:
     """State every hook of one Probe reads: the mode switch, the one device buffer, fusion."""
 
@@ -200,7 +204,8 @@ class _Shared:
             X, logit, h, k, v, p, beta, delta = zip(*pending, strict=True)
             logit, k, delta = (None if t[0] is None else t for t in (logit, k, delta))
             e = eps.pop() if eps else None
-            if (red := self._reduce_by_kernels(X, h, k, e)) is not None:
+            if (red := self._reduce_by_kernels(X, h, k, e, p)) is not None:
+                *red, p = red
                 sums, mx = self.call("stacked_finish", *red, logit, v, p, beta, delta, st, *self.consts,
                                      self.buf.dtype)
             else:
@@ -233,27 +238,28 @@ class _Shared:
         return _stats.unit(h, eps)
 
     def _reduce_by_kernels(self, X: tuple[torch.Tensor, ...], h: tuple[torch.Tensor, ...],
-                           k: tuple[torch.Tensor, ...] | None, eps: float | None
-                           ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+                           k: tuple[torch.Tensor, ...] | None, eps: float | None, p: tuple[torch.Tensor, ...]
+                           ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], _Rows] | None:
         """The sites' reductions over their sampled rows from ``probes._stats_kernels``, two Triton launches
         reading the rows in place, or None (the torch ops of ``_stats.stacked_block`` do them). Eagerly (fusing,
         ``STATS_KERNELS``), a failing launch switches them off for good, with one warning. In a model the user
         compiles, with k made from h, as the op ``deltascope::probe_rows``: where inductor would stack every
         site's sampled rows of h and k (two copy kernels a site, and k written out), one opaque call reads h
-        where it lies; the op falls back to torch ops by itself."""
+        where it lies, and returns the sites' p stacked (one copy, where inductor makes one a site of a fused
+        update's p); the op falls back to torch ops by itself. Returns (xn, kred, p): p as given, or stacked."""
         if not (STATS_KERNELS and self.kernels and h[0].device.type in KERNEL_DEVICES):
             return None
         if torch.compiler.is_compiling():
             if k is not None or self._stats_kernels is None or not self._stats_kernels.supported(X, h, None):
                 return None  # a k of the user's own k_dir: the inlined torch ops read it where inductor puts it
-            xn, *red = torch.ops.deltascope.probe_rows(list(X), list(h), [], self.stride, eps)
-            return xn, tuple(red)
+            xn, *red, ps = torch.ops.deltascope.probe_rows(list(X), list(h), [], list(p), self.stride, eps)
+            return xn, tuple(red), ps
         if not self._fusing() or (kern := self._stats_kernels) is None:
             return None
         try:
             if not kern.supported(X, h, k):
                 return None
-            return kern.stacked_reduce(X, h, k, self.stride, eps)
+            return *kern.stacked_reduce(X, h, k, self.stride, eps), p
         except Exception as e:  # never let the statistics take training down: the compiled path from now on
             log.warning("probe statistics kernels failed, using the compiled statistics: %r", e)
             self.kernels = False

@@ -222,17 +222,17 @@ def stacked_reduce(X: tuple[torch.Tensor, ...], h: tuple[torch.Tensor, ...], k: 
 
 def stacked_finish(
     xn: torch.Tensor, kred: tuple[torch.Tensor, ...], logit: tuple[torch.Tensor, ...] | None,
-    v: tuple[torch.Tensor, ...], p: tuple[torch.Tensor, ...], beta: tuple[torch.Tensor, ...],
+    v: tuple[torch.Tensor, ...], p: tuple[torch.Tensor, ...] | torch.Tensor, beta: tuple[torch.Tensor, ...],
     delta: tuple[torch.Tensor, ...] | None, stride: int, beta_max: float, identity_below: float,
     projection_band: float, reflection_above: float, logit_saturation: float, dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sites_block` from :func:`stacked_reduce`'s results and the sites' (B, T, 1..d_v) tensors, stacked
-    here. ``beta`` is the write's input, which serves as the gate's output too; ``delta`` None: the write's
-    formula of them (:func:`write_block`)."""
-    b = torch.stack(beta)
-    return sites_block(xn, b, None if logit is None else torch.stack(logit), kred, True, torch.stack(v),
-                       torch.stack(p), b, None if delta is None else torch.stack(delta), stride, beta_max,
-                       identity_below, projection_band, reflection_above, logit_saturation, dtype)
+    here (``p`` may come stacked already, (S, B, T, d_v)). ``beta`` is the write's input, which serves as the
+    gate's output too; ``delta`` None: the write's formula of them (:func:`write_block`)."""
+    b, ps = torch.stack(beta), p if isinstance(p, torch.Tensor) else torch.stack(p)
+    return sites_block(xn, b, None if logit is None else torch.stack(logit), kred, True, torch.stack(v), ps, b,
+                       None if delta is None else torch.stack(delta), stride, beta_max, identity_below,
+                       projection_band, reflection_above, logit_saturation, dtype)
 
 
 def stacked_block(

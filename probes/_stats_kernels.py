@@ -203,37 +203,42 @@ def stacked_reduce(X: tuple[torch.Tensor, ...], h: tuple[torch.Tensor, ...], k: 
 _warned = False
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _OUT = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-             torch.Tensor]
+             torch.Tensor, torch.Tensor]
 
 
 @torch.library.custom_op("deltascope::probe_rows", mutates_args=(),
                          tags=tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None))
-def probe_rows(X: list[torch.Tensor], h: list[torch.Tensor], k: list[torch.Tensor], stride: int, eps: float) -> _OUT:
+def probe_rows(X: list[torch.Tensor], h: list[torch.Tensor], k: list[torch.Tensor], p: list[torch.Tensor],
+               stride: int, eps: float) -> _OUT:
     """:func:`stacked_reduce` as one op for a model the user compiles (``probes._hooks``): inductor cannot trace
     the kernels' table of addresses, so the op is opaque to it, and the kernels read every site's rows where they
     lie where inductor would stack them first. ``k`` empty: made from h with ``eps``. Results flat: xn, then the
-    seven of ``kred``. Tagged unsafe for CUDA graphs: the address table is copied from host memory on every call.
-    Sites the kernels do not take, or a failing launch (one warning), get ``_stats.stacked_reduce``'s torch ops."""
+    seven of ``kred``, then the sites' readouts ``p`` stacked (S, ...) in fp32: one copy here, where inductor
+    copies a fused update's p (written by that op's kernel) into its stack one launch a site. Tagged unsafe for
+    CUDA graphs: the address table is copied from host memory on every call. Sites the kernels do not take, or
+    a failing launch (one warning), get ``_stats.stacked_reduce``'s torch ops."""
     global _warned
     Xs, hs, ks = tuple(X), tuple(h), tuple(k) or None
+    ps = torch.stack(p).float()
     # shapes, dtypes and devices were checked (:func:`supported`) when the graph was traced, and the graph keeps
     # them; what is left to check is the layout inductor gave each buffer (host time: 70 us for the whole check)
     if (hs[0].is_cuda or INTERPRET) and all(t.is_contiguous() for col in (Xs, hs, ks or ()) for t in col):
         try:
             xn, red = stacked_reduce(Xs, hs, ks, stride, eps)
-            return (xn, *red)
+            return (xn, *red, ps)
         except Exception as e:  # never let the statistics take training down
             if not _warned:
                 _warned = True
                 log.warning("probe statistics kernels failed, using torch ops: %r", e)
     with torch.no_grad():
         xn, red = _stats.stacked_reduce(Xs, hs, ks, stride, eps)
-    return (xn, *(t.contiguous() for t in red))
+    return (xn, *(t.contiguous() for t in red), ps)
 
 
 @probe_rows.register_fake
-def _(X: list[torch.Tensor], h: list[torch.Tensor], k: list[torch.Tensor], stride: int, eps: float) -> _OUT:
+def _(X: list[torch.Tensor], h: list[torch.Tensor], k: list[torch.Tensor], p: list[torch.Tensor], stride: int,
+      eps: float) -> _OUT:
     S, (B, T, d) = len(h), h[0].shape
     m = (T + stride - 1) // stride
     out = lambda *shape: h[0].new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return out(S, B, m), out(S, B, m), out(S, B, m), out(S), out(S, d), out(S), out(S), out(S - 1)
+    return out(S, B, m), out(S, B, m), out(S, B, m), out(S), out(S, d), out(S), out(S), out(S - 1), out(S, *p[0].shape)

@@ -124,15 +124,17 @@ def test_unsupported_sites_are_refused():
 @pytest.mark.parametrize("stride", [1, 3])
 def test_the_op_of_a_compiled_model_is_the_kernels_interpreted(stride):
     """``deltascope::probe_rows`` passes torch.library's checks (its fake, under AOT dispatch) and gives the torch
-    reductions, k made from h."""
+    reductions, k made from h, and the sites' readouts p stacked."""
     import probes._stats_kernels  # noqa: F401  (registers the op)
 
     X, h, _ = sites(3, 2, 9, 40, 2, torch.bfloat16, torch.bfloat16, "cpu")
-    args = (list(X), list(h), [], stride, 1e-5)
+    p = [torch.randn(2, 9, 2) for _ in X]
+    args = (list(X), list(h), [], p, stride, 1e-5)
     torch.library.opcheck(torch.ops.deltascope.probe_rows.default, args)
     got = torch.ops.deltascope.probe_rows(*args)
     xn, red = _stats.stacked_reduce(X, h, None, stride, 1e-5)
-    for a, b in zip(got, (xn, *red), strict=True):
+    assert len(got) == 9 and got[-1].shape == (3, 2, 9, 2)
+    for a, b in zip(got, (xn, *red, torch.stack(p)), strict=True):
         torch.testing.assert_close(a, b.float(), rtol=2e-5, atol=1e-4)
 
 
