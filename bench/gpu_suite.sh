@@ -8,6 +8,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DELTASCOPE_CACHE=${DELTASCOPE_CACHE:-/tmp/dscache}
+# the repository's packages without an install (the device image has torch and triton, not pydantic and the rest:
+# carry those as wheels, and put their folder on PYTHONPATH before calling this)
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c 'import torch; print("torch", torch.__version__)' | tee -a "$OUT/device.txt"
@@ -18,7 +21,7 @@ if [[ $what == throughput || $what == all ]]; then
 fi
 if [[ $what == ratios || $what == all ]]; then
   python3 bench/throughput.py --preset small --batch 16 --seq 1024 --steps 30 --compile --sync both \
-    --variants additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_fused:nofold --json "$OUT/ratios.jsonl"
+    --variants additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_fused:nomm --json "$OUT/ratios.jsonl"
 fi
 if [[ $what == host || $what == all ]]; then
   # B = 1: the GPU gets a sixteenth of the work, so each step takes about its host's time to issue it
