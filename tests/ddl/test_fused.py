@@ -477,7 +477,16 @@ def test_cuda_compiled_fused_model_matches_eager(monkeypatch, amp, d_v, fold):
     terms (the gate and value biases, the compressors' read vectors) sit 5-12% from fp32 in every bf16
     model, and two rounding orders differ by up to 2x there: on an H100 the final readout's read vector was
     0.058 from fp32 unfused, 0.062 fused and 0.102 fused with the fold; a wrong gradient is O(1) off."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    # not monkeypatch.setattr: its undo fails on torch's cuBLASModule (AttributeError at teardown, torch 2.11-2.13)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _compiled_fused_model_matches_eager(monkeypatch, amp, d_v, fold)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _compiled_fused_model_matches_eager(monkeypatch, amp, d_v, fold):
     monkeypatch.setattr(fused, "FOLD_READOUT", fold)
     torch._dynamo.reset()
     plain, twin = (m.cuda() for m in models(block_size=64, d_v=d_v))
