@@ -38,7 +38,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench/throughput.py and the repository's ddl, installed or not
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "u8": 1, "i1": 1}
-LOG_PREFIX = re.compile(r"^[VIWE]\d{4} [\d:.]+ \d+ [\w/.]+:\d+\] \[[\d/]+\] \[__output_code\] ?", re.M)
+LOG_PREFIX = re.compile(r"^[VIWE]\d{4} [\d:.]+ \d+ \S+:\d+\] \[[\d/]+\] \[__output_code\] ?", re.M)
 
 
 def generate(variant: str, preset: str, batch: int, seq: int, probe: bool = False) -> None:
