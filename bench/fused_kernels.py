@@ -5,7 +5,7 @@ makes it) and each launch (rows a program, warps), the median of CUDA-event time
 the forward and the backward kernel, the bytes each must move (inputs read once, outputs written once)
 and the bandwidth that implies. The bytes over the device's bandwidth are the kernels' floor.
 
-    python bench/fused_kernels.py [--tokens 16384] [--d 768] [--json FILE]
+    python bench/fused_kernels.py [--tokens 16384] [--d 768] [--only plain1|plain4|read ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -68,29 +68,43 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
     block_d = 1 << (d - 1).bit_length()
     if dv == 1:
         launches = [(r, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8, 16) if r * block_d // w >= 32]
-    elif read:  # the one-tile kernels' best two (as references), then the two-pass ones
+    elif read:  # the one-tile kernels' best two (as references), the two-pass ones, the backward's token groups
         launches = [(1, 16), (16, 8)] + [("chunk", c, w) for c in (64, 128, 256) for w in (2, 4) if c * 4 >= 32 * w]
+        launches += [("group", t, c, w) for t in (4, 8, 16) for c in (32, 64, 128) for w in (4, 8)
+                     if t * c * 4 >= 32 * w]
     else:
         launches = [(r, w) for r in (1, 2, 4, 8) for w in (2, 4, 8, 16)]
         if torch.cuda.is_available():  # one token under 16 warps, capped at 64 registers: two programs an SM
             launches.append((1, 16, 64))
         launches += [("chunk", c, w) for c in (64, 128, 256, 512) for w in (2, 4, 8) if c * 4 >= 32 * w]
+    gw_us = 0.0
+    if read:  # grad W = sum_t gy_t out_t where the backward leaves it to the caller: as inductor compiles it
+        from ddl import fused
+
+        res_out = fk.forward_read(X, h, v, beta, W, 1e-5)[0]
+        gw = torch.compile(fused.read_weight_grad) if torch.cuda.is_available() else fused.read_weight_grad
+        gw_us = timed(functools.partial(gw, gy, res_out), iters)
     out = []
     for launch in [None, *launches]:
         try:
             f_us, b_us = timed(functools.partial(fwd, launch), iters), timed(functools.partial(bwd, launch), iters)
+            sums_w = read and bwd(launch)[4] is not None
         except Exception as e:  # a launch the compiler refuses (too many registers): say so, go on
             print(f"d_v={dv} launch {launch}: {type(e).__name__}: {str(e)[:80]}")
             continue
         if launch is None:
             name = "default"
+        elif launch[0] == "group":
+            name = f"group={launch[1]} rows={launch[2]} warps={launch[3]}"
         elif launch[0] == "chunk":
             name = f"chunk={launch[1]} warps={launch[2]}"
         else:
             name = f"rows={launch[0]} warps={launch[1]}" + (f" regs={launch[2]}" if len(launch) > 2 else "")
         out.append({"d_v": dv, "read": read, "launch": name,
                     "fwd_us": f_us, "bwd_us": b_us, "fwd_tbs": fwd_bytes / f_us / 1e6,
-                    "bwd_tbs": bwd_bytes / b_us / 1e6, "fwd_mb": fwd_bytes / 1e6, "bwd_mb": bwd_bytes / 1e6})
+                    "bwd_tbs": bwd_bytes / b_us / 1e6, "fwd_mb": fwd_bytes / 1e6, "bwd_mb": bwd_bytes / 1e6,
+                    # the backward with grad W: the kernel's own sum, or the caller's beside it
+                    "bwd_gw_us": b_us + (0.0 if sums_w or not read else gw_us), "sums_w": sums_w})
     return out
 
 
@@ -100,12 +114,16 @@ def main() -> None:
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--json")
+    p.add_argument("--only", choices=["plain1", "plain4", "read"], action="append",
+                   help="sweep these kernels only (repeatable): d_v = 1, d_v = 4, d_v = 4 with the readout folded in")
     args = p.parse_args()
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("bench/fused_kernels.py needs a CUDA device (or TRITON_INTERPRET=1 for a smoke run on CPU)")
     n, d = args.tokens, args.d
-    rows_out = (sweep(1, torch.float32, n, d, args.iters) + sweep(4, torch.bfloat16, n, d, args.iters)
-                + sweep(4, torch.bfloat16, n, d, args.iters, read=True))
+    only = set(args.only or ["plain1", "plain4", "read"])
+    rows_out = ((sweep(1, torch.float32, n, d, args.iters) if "plain1" in only else [])
+                + (sweep(4, torch.bfloat16, n, d, args.iters) if "plain4" in only else [])
+                + (sweep(4, torch.bfloat16, n, d, args.iters, read=True) if "read" in only else []))
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter)"
     if args.json:
         with open(args.json, "a") as f:
@@ -113,11 +131,13 @@ def main() -> None:
                 f.write(json.dumps({**r, "tokens": n, "d": d, "device": name,
                                     "torch": torch.__version__}) + "\n")
     print(f"\n{name} torch {torch.__version__}, {n} tokens, d = {d}")
-    print(f"{'d_v':>3}  {'kernels':<8}{'launch':<24}{'fwd us':>9}{'TB/s':>7}{'bwd us':>9}{'TB/s':>7}")
+    print("read: bwd+gW is the backward with grad W, summed in it (*) or by a compiled reduction beside it")
+    print(f"{'d_v':>3}  {'kernels':<8}{'launch':<30}{'fwd us':>9}{'TB/s':>7}{'bwd us':>9}{'TB/s':>7}{'bwd+gW':>10}")
     for r in rows_out:
         kind = "read" if r["read"] else "plain"
-        print(f"{r['d_v']:>3}  {kind:<8}{r['launch']:<24}{r['fwd_us']:>9.1f}{r['fwd_tbs']:>7.2f}"
-              f"{r['bwd_us']:>9.1f}{r['bwd_tbs']:>7.2f}")
+        gw = f"{r['bwd_gw_us']:>9.1f}{'*' if r['sums_w'] else ' '}" if r["read"] else ""
+        print(f"{r['d_v']:>3}  {kind:<8}{r['launch']:<30}{r['fwd_us']:>9.1f}{r['fwd_tbs']:>7.2f}"
+              f"{r['bwd_us']:>9.1f}{r['bwd_tbs']:>7.2f}{gw}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ as before they were written as reductions); ``:mm`` and ``:nomm`` take the weigh
 matmul over the tokens each, or as column sums, whatever the model's size (``NarrowLinear.MM_WEIGHT_GRAD``; by
 default d_v > 1 models take the matmul); ``:fold`` and ``:nofold`` set ``ddl.fused.FOLD_READOUT`` to True
 and False (each fused update also makes the next CC readout, or none does; by default it does when compiled),
-e.g. ``ddl_dv4_fused:nofold``.
+e.g. ``ddl_dv4_fused:nofold``; ``:nogroup`` runs the folded backward one token a program with grad W summed
+beside it, as before the token-group kernel (``ddl._fused_kernels.GROUP_LAUNCH``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ VARIANTS = {
 }
 
 
-SUFFIXES = ("gemv", "mm", "nomm", "fold", "nofold")
+SUFFIXES = ("gemv", "mm", "nomm", "fold", "nofold", "nogroup")
 
 
 def variant_names(spec: str) -> list[str]:
@@ -79,10 +80,17 @@ def switched(name: str):
         layers.NarrowLinear.forward = nn.Linear.forward
     layers.NarrowLinear.MM_WEIGHT_GRAD = {"mm": True, "nomm": False}.get(suffix, mm)
     fused.FOLD_READOUT = {"fold": True, "nofold": False}.get(suffix, fold)
+    kernels = None
+    if suffix == "nogroup":  # imports triton: only where a fused model runs
+        from ddl import _fused_kernels as kernels
+
+        group, kernels.GROUP_LAUNCH = kernels.GROUP_LAUNCH, None
     try:
         yield
     finally:
         layers.NarrowLinear.forward, fused.FOLD_READOUT, layers.NarrowLinear.MM_WEIGHT_GRAD = forward, fold, mm
+        if kernels is not None:
+            kernels.GROUP_LAUNCH = group
         torch._dynamo.reset()
 
 
