@@ -267,13 +267,14 @@ def _bwd_group_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, GW, 
     j_ok = j < dv
     tj = t[:, None] * dv + j[None, :]  # (TOK, BLOCK_V): a token's d_v row scalars
     tj_ok = t_ok[:, None] & j_ok[None, :]
-    hg = tl.zeros((TOK, BLOCK_V), dtype=tl.float32)
+    hg3 = tl.zeros((TOK, BLOCK_C, BLOCK_V), dtype=tl.float32)  # summed over rows once, after the loop
     for i0 in range(0, d, BLOCK_C):
         i, m2, m3, hoff, soff, woff, wm = _group_block(t, t_ok, j, j_ok, i0, d, dv, BLOCK_C)
         g = tl.load(G + soff, mask=m3, other=0.0).to(tl.float32)
         g += tl.load(GY + hoff, mask=m2, other=0.0).to(tl.float32)[:, :, None] * \
             tl.load(W + woff, mask=wm, other=0.0).to(tl.float32)[None, :, :]
-        hg += tl.sum(tl.load(H + hoff, mask=m2, other=0.0).to(tl.float32)[:, :, None] * g, axis=1)
+        hg3 += tl.load(H + hoff, mask=m2, other=0.0).to(tl.float32)[:, :, None] * g
+    hg = tl.sum(hg3, axis=1)
     rnorm = tl.load(RNORM + t, mask=t_ok, other=0.0)
     beta = tl.load(BETA + t, mask=t_ok, other=0.0).to(tl.float32)
     v = tl.load(V + tj, mask=tj_ok, other=0.0).to(tl.float32)
@@ -360,10 +361,10 @@ def _chunk_launch(d: int, dv: int, launch: tuple | None) -> tuple[int, int, int]
     return None
 
 
-GROUP_LAUNCH: tuple[int, int, int] | None = (8, 64, 4)
-"""The folded backward's default (tokens a program, rows of d a pass, warps): ``_bwd_group_kernel``, which also
-sums grad W. Chosen by ``bench/fused_kernels.py``'s sweep. None: ``_bwd_chunk_kernel`` by default, grad W left
-to the caller (``bench/throughput.py``'s suffix ``:nogroup``)."""
+GROUP_LAUNCH: tuple[int, int, int] | None = None
+"""(tokens a program, rows of d a pass, warps) where the folded backward runs ``_bwd_group_kernel`` by default,
+which also sums grad W; None (the default): ``_bwd_chunk_kernel``, grad W left to the caller.
+``bench/throughput.py``'s suffix ``:group`` sets it for an A/B; why it is off: docs/PERFORMANCE.md."""
 
 
 def _group_launch(d: int, dv: int, launch: tuple | None, read: bool) -> tuple[int, int, int, int] | None:

@@ -236,35 +236,31 @@ def _op_read(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
 
 
 @_op_def("deltascope::delta_update_read_backward")
-def _op_read_backward(g: Tensor, gy: Tensor, X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
+def _op_read_backward(g: Tensor, gy: Tensor, X: Tensor, out: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
                       rnorm: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (grad_X, grad_h, grad_v, grad_beta, grad_W), the first four in their inputs' dtypes (v, beta fp32), the
-    readout's gradient gy joined to the state's as g + gy W^T; grad_W = sum_t gy_t out_t (d, d_v) fp32, from the
-    update's result recomputed (the kernel sums it as it goes)."""
+    readout's gradient gy joined to the state's as g + gy W^T; grad_W = sum_t gy_t out_t (d, d_v) fp32 of the
+    update's result ``out``: :func:`read_weight_grad`, which inductor traces into one reduction, or summed by the
+    backward kernel itself (``ddl._fused_kernels.GROUP_LAUNCH``), which then does not read ``out``."""
     d, dv = X.shape[-2:]
     if X.numel() == 0 or not _use_triton(X):
         grads = _backward_torch(g.float() + gy.float().unsqueeze(-1) * W.float(), X, h, v, beta, rnorm, p)
-        return (*grads, read_weight_grad(gy, _update_again(X, h, v, beta, rnorm, p)))
+        return (*grads, read_weight_grad(gy, out))
     from ddl import _fused_kernels
 
     gX, gh, gv, gbeta, gW = _fused_kernels.backward_read(
         _rows(g, d, dv), _rows(gy, d), _rows(X, d, dv), _rows(h, d), _rows(v, dv), _rows(beta, 1), W.contiguous(),
         _rows(rnorm, 1), _rows(p, dv))
-    if gW is None:  # the kernels' launch leaves it beside them (GROUP_LAUNCH None, for an A/B)
-        gW = read_weight_grad(gy, _update_again(X, h, v, beta, rnorm, p))
+    if gW is None:  # the default: the one-token-a-program kernel, grad W beside it
+        gW = read_weight_grad(gy, out)
     return gX.view(X.shape), gh.view(h.shape), gv.view(v.shape), gbeta.view(beta.shape), gW
-
-
-def _update_again(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, rnorm: Tensor, p: Tensor) -> Tensor:
-    """The update's result from forward's row scalars, rounded as forward rounded it."""
-    return X + ((h.float() * rnorm).unsqueeze(-1) * (beta * (v - p)).unsqueeze(-2)).to(X.dtype)
 
 
 def _setup_read(ctx, inputs, output):
     X, h, v, beta, W, eps = inputs
-    _, _, rnorm, p = output
+    out, _, rnorm, p = output
     ctx.mark_non_differentiable(rnorm, p)
-    ctx.save_for_backward(X, h, v, beta, W, rnorm, p)
+    ctx.save_for_backward(X, out, h, v, beta, W, rnorm, p)
 
 
 def read_weight_grad(gy: Tensor, out: Tensor) -> Tensor:
@@ -274,13 +270,14 @@ def read_weight_grad(gy: Tensor, out: Tensor) -> Tensor:
 
 
 def _backward_read(ctx, grad_out, grad_y, _grad_rnorm, _grad_p):
-    """All five gradients from one op: the backward kernel recomputes the update's result and sums grad W =
-    sum_t gy_t out_t as it goes, a share a program, which a small sum over programs finishes
-    (``ddl._fused_kernels.GROUP_LAUNCH``). So the update's result is not kept for backward."""
-    X, h, v, beta, W, rnorm, p = ctx.saved_tensors
+    """grad W = sum_t gy_t out_t comes from the backward op: by default a product and a sum in it, which inductor
+    compiles into one reduction that reads the update's result and gy (56 us a site on an H100); summed in the
+    kernel (``ddl._fused_kernels.GROUP_LAUNCH``), it cost more than it saved (docs/PERFORMANCE.md). Keeping
+    ``out``, the forward's result, for it costs 1.1 GiB of peak memory on the small preset."""
+    X, out, h, v, beta, W, rnorm, p = ctx.saved_tensors
     grad_out = torch.zeros_like(X) if grad_out is None else grad_out
     grad_y = torch.zeros_like(h, dtype=X.dtype) if grad_y is None else grad_y
-    gX, gh, gv, gbeta, gW = torch.ops.deltascope.delta_update_read_backward(grad_out, grad_y, X, h, v, beta, W,
+    gX, gh, gv, gbeta, gW = torch.ops.deltascope.delta_update_read_backward(grad_out, grad_y, X, out, h, v, beta, W,
                                                                            rnorm, p)
     return gX, gh, gv, gbeta, gW.to(W.dtype), None
 
