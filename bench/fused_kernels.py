@@ -1,9 +1,10 @@
 """The fused delta update's Triton kernels alone: time, bandwidth, and a sweep of their launch shape.
 
 For each state shape (d_v = 1: fp32 state, as a compiled d_v = 1 model carries it; d_v = 4: bf16, as EC
-makes it) and each launch (rows a program, warps), the median of CUDA-event timed calls of
-the forward and the backward kernel, the bytes each must move (inputs read once, outputs written once)
-and the bandwidth that implies. The bytes over the device's bandwidth are the kernels' floor.
+makes it) and each launch (rows a program, warps), the median of CUDA-event timed replays of the forward
+and the backward kernel, each captured as a CUDA graph; the bytes each must move (inputs read once, outputs
+written once) and the bandwidth that implies. The bytes over the device's bandwidth are the kernels' floor.
+With the readout folded in (``read``), also the backward with grad W, which inductor sums beside it.
 
     python bench/fused_kernels.py [--tokens 16384] [--d 768] [--only plain1|plain4|read ...] [--json FILE]
 """
@@ -79,17 +80,15 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
     block_d = 1 << (d - 1).bit_length()
     if dv == 1:
         launches = [(r, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8, 16) if r * block_d // w >= 32]
-    elif read:  # the one-tile kernels' best two (as references), the two-pass ones, the backward's token groups
+    elif read:  # the one-tile kernels' best two (as references), then the two-pass ones
         launches = [(1, 16), (16, 8)] + [("chunk", c, w) for c in (64, 128, 256) for w in (2, 4) if c * 4 >= 32 * w]
-        launches += [("group", t, c, w) for t in (2, 4, 8, 16) for c in (64, 128, 256) for w in (4, 8)
-                     if t * c <= 2048]
     else:
         launches = [(r, w) for r in (1, 2, 4, 8) for w in (2, 4, 8, 16)]
         if torch.cuda.is_available():  # one token under 16 warps, capped at 64 registers: two programs an SM
             launches.append((1, 16, 64))
         launches += [("chunk", c, w) for c in (64, 128, 256, 512) for w in (2, 4, 8) if c * 4 >= 32 * w]
     gw_us = 0.0
-    if read:  # grad W = sum_t gy_t out_t where the backward leaves it to the caller: as inductor compiles it
+    if read:  # grad W = sum_t gy_t out_t, which the backward leaves to the caller: as inductor compiles it
         from ddl import fused
 
         res_out = fk.forward_read(X, h, v, beta, W, 1e-5)[0]
@@ -99,14 +98,11 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
     for launch in [None, *launches]:
         try:
             f_us, b_us = timed(functools.partial(fwd, launch), iters), timed(functools.partial(bwd, launch), iters)
-            sums_w = read and bwd(launch)[4] is not None
         except Exception as e:  # a launch the compiler refuses (too many registers): say so, go on
             print(f"d_v={dv} launch {launch}: {type(e).__name__}: {str(e)[:80]}")
             continue
         if launch is None:
             name = "default"
-        elif launch[0] == "group":
-            name = f"group={launch[1]} rows={launch[2]} warps={launch[3]}"
         elif launch[0] == "chunk":
             name = f"chunk={launch[1]} warps={launch[2]}"
         else:
@@ -114,8 +110,8 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
         out.append({"d_v": dv, "read": read, "launch": name,
                     "fwd_us": f_us, "bwd_us": b_us, "fwd_tbs": fwd_bytes / f_us / 1e6,
                     "bwd_tbs": bwd_bytes / b_us / 1e6, "fwd_mb": fwd_bytes / 1e6, "bwd_mb": bwd_bytes / 1e6,
-                    # the backward with grad W: the kernel's own sum, or the caller's beside it
-                    "bwd_gw_us": b_us + (0.0 if sums_w or not read else gw_us), "sums_w": sums_w})
+                    # the folded backward with grad W, which a compiled reduction sums beside it
+                    "bwd_gw_us": b_us + gw_us if read else None})
     return out
 
 
@@ -142,11 +138,11 @@ def main() -> None:
                 f.write(json.dumps({**r, "tokens": n, "d": d, "device": name,
                                     "torch": torch.__version__}) + "\n")
     print(f"\n{name} torch {torch.__version__}, {n} tokens, d = {d}")
-    print("read: bwd+gW is the backward with grad W, summed in it (*) or by a compiled reduction beside it")
+    print("read: bwd+gW is the backward and grad W, summed by a compiled reduction beside it")
     print(f"{'d_v':>3}  {'kernels':<8}{'launch':<30}{'fwd us':>9}{'TB/s':>7}{'bwd us':>9}{'TB/s':>7}{'bwd+gW':>10}")
     for r in rows_out:
         kind = "read" if r["read"] else "plain"
-        gw = f"{r['bwd_gw_us']:>9.1f}{'*' if r['sums_w'] else ' '}" if r["read"] else ""
+        gw = f"{r['bwd_gw_us']:>10.1f}" if r["read"] else ""
         print(f"{r['d_v']:>3}  {kind:<8}{r['launch']:<30}{r['fwd_us']:>9.1f}{r['fwd_tbs']:>7.2f}"
               f"{r['bwd_us']:>9.1f}{r['bwd_tbs']:>7.2f}{gw}")
 

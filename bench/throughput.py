@@ -20,9 +20,7 @@ as before they were written as reductions); ``:mm`` and ``:nomm`` take the weigh
 matmul over the tokens each, or as column sums, whatever the model's size (``NarrowLinear.MM_WEIGHT_GRAD``; by
 default d_v > 1 models take the matmul); ``:fold`` and ``:nofold`` set ``ddl.fused.FOLD_READOUT`` to True
 and False (each fused update also makes the next CC readout, or none does; by default it does when compiled),
-e.g. ``ddl_dv4_fused:nofold``; ``:group`` runs the folded backward as the token-group kernel, which sums grad W
-itself (``ddl._fused_kernels.GROUP_LAUNCH``; ``GROUP`` here its launch), where by default one token a program
-leaves grad W to a reduction beside it.
+e.g. ``ddl_dv4_fused:nofold``.
 """
 
 from __future__ import annotations
@@ -51,9 +49,7 @@ VARIANTS = {
 }
 
 
-GROUP = (8, 128, 4)
-"""The token-group kernel's launch under ``:group`` (tokens a program, rows of d a pass, warps); ``--group``."""
-SUFFIXES = ("gemv", "mm", "nomm", "fold", "nofold", "group")
+SUFFIXES = ("gemv", "mm", "nomm", "fold", "nofold")
 
 
 def variant_names(spec: str) -> list[str]:
@@ -83,17 +79,10 @@ def switched(name: str):
         layers.NarrowLinear.forward = nn.Linear.forward
     layers.NarrowLinear.MM_WEIGHT_GRAD = {"mm": True, "nomm": False}.get(suffix, mm)
     fused.FOLD_READOUT = {"fold": True, "nofold": False}.get(suffix, fold)
-    kernels = None
-    if suffix == "group":  # imports triton: only where a fused model runs
-        from ddl import _fused_kernels as kernels
-
-        group, kernels.GROUP_LAUNCH = kernels.GROUP_LAUNCH, GROUP
     try:
         yield
     finally:
         layers.NarrowLinear.forward, fused.FOLD_READOUT, layers.NarrowLinear.MM_WEIGHT_GRAD = forward, fold, mm
-        if kernels is not None:
-            kernels.GROUP_LAUNCH = group
         torch._dynamo.reset()
 
 
@@ -234,15 +223,7 @@ def main() -> None:
     p.add_argument("--gc-freeze", action="store_true",
                    help="gc.collect() and gc.freeze() after the warm-up, so that Python's collector skips "
                         "everything compiling made")
-    p.add_argument("--group", default="8,128,4", help="the token-group kernel's launch under ':group': tokens a "
-                   "program, rows of d a pass, warps (bench/fused_kernels.py sweeps them)")
     args = p.parse_args()
-    global GROUP
-    try:
-        GROUP = tuple(int(x) for x in args.group.split(","))
-        assert len(GROUP) == 3 and min(GROUP) > 0
-    except (ValueError, AssertionError):
-        sys.exit(f"--group {args.group!r}: give three positive integers, e.g. 8,128,4")
     if not torch.cuda.is_available():
         sys.exit("bench/throughput.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True

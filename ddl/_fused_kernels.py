@@ -255,65 +255,6 @@ def _bwd_chunk_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, d, d
     tl.store(GBETA + row, tl.sum((v - p) * gk, axis=0))
 
 
-@triton.jit
-def _bwd_group_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, GW, n, d, dv: tl.constexpr,
-                      TOK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
-    # the folded backward (READ) of TOK tokens a program, which also sums their share of grad W = sum_t gy_t out_t
-    # into GW[pid] (d, d_v) fp32: the caller sums over programs. The same two passes as _bwd_chunk_kernel on a
-    # (TOK, BLOCK_C, BLOCK_V) block, TOK tokens' same rows of d; the second recomputes out as the forward rounded it
-    t = tl.program_id(0).to(tl.int64) * TOK + tl.arange(0, TOK)
-    t_ok = t < n
-    j = tl.arange(0, BLOCK_V)
-    j_ok = j < dv
-    tj = t[:, None] * dv + j[None, :]  # (TOK, BLOCK_V): a token's d_v row scalars
-    tj_ok = t_ok[:, None] & j_ok[None, :]
-    hg3 = tl.zeros((TOK, BLOCK_C, BLOCK_V), dtype=tl.float32)  # summed over rows once, after the loop
-    for i0 in range(0, d, BLOCK_C):
-        i, m2, m3, hoff, soff, woff, wm = _group_block(t, t_ok, j, j_ok, i0, d, dv, BLOCK_C)
-        g = tl.load(G + soff, mask=m3, other=0.0).to(tl.float32)
-        g += tl.load(GY + hoff, mask=m2, other=0.0).to(tl.float32)[:, :, None] * \
-            tl.load(W + woff, mask=wm, other=0.0).to(tl.float32)[None, :, :]
-        hg3 += tl.load(H + hoff, mask=m2, other=0.0).to(tl.float32)[:, :, None] * g
-    hg = tl.sum(hg3, axis=1)
-    rnorm = tl.load(RNORM + t, mask=t_ok, other=0.0)
-    beta = tl.load(BETA + t, mask=t_ok, other=0.0).to(tl.float32)
-    v = tl.load(V + tj, mask=tj_ok, other=0.0).to(tl.float32)
-    p = tl.load(P + tj, mask=tj_ok, other=0.0)
-    gk = hg * rnorm[:, None]
-    delta = beta[:, None] * (v - p)
-    a = beta[:, None] * gk
-    kgk = tl.sum(gk * (delta - beta[:, None] * p), axis=1)
-    for i0 in range(0, d, BLOCK_C):
-        i, m2, m3, hoff, soff, woff, wm = _group_block(t, t_ok, j, j_ok, i0, d, dv, BLOCK_C)
-        k = tl.load(H + hoff, mask=m2, other=0.0).to(tl.float32) * rnorm[:, None]  # (TOK, BLOCK_C)
-        gy = tl.load(GY + hoff, mask=m2, other=0.0).to(tl.float32)
-        g = tl.load(G + soff, mask=m3, other=0.0).to(tl.float32) + \
-            gy[:, :, None] * tl.load(W + woff, mask=wm, other=0.0).to(tl.float32)[None, :, :]
-        x = tl.load(X + soff, mask=m3, other=0.0).to(tl.float32)
-        grad_k = tl.sum(g * delta[:, None, :] - x * a[:, None, :], axis=2)
-        tl.store(GX + soff, (g - k[:, :, None] * a[:, None, :]).to(GX.dtype.element_ty), mask=m3)
-        tl.store(GH + hoff, (rnorm[:, None] * (grad_k - kgk[:, None] * k)).to(GH.dtype.element_ty), mask=m2)
-        # the forward's out, rounded as it rounded it (X's dtype is GX's); masked tokens have gy = 0
-        upd = (k[:, :, None] * delta[:, None, :]).to(GX.dtype.element_ty).to(tl.float32)
-        out = (x + upd).to(GX.dtype.element_ty).to(tl.float32)
-        tl.store(GW + tl.program_id(0).to(tl.int64) * d * dv + woff, tl.sum(gy[:, :, None] * out, axis=0), mask=wm)
-    tl.store(GV + tj, a, mask=tj_ok)
-    tl.store(GBETA + t, tl.sum((v - p) * gk, axis=1), mask=t_ok)
-
-
-@triton.jit
-def _group_block(t, t_ok, j, j_ok, i0, d, dv, BLOCK_C: tl.constexpr):
-    # rows i0 .. i0 + BLOCK_C of tokens t: the rows; the (TOK, BLOCK_C) and (TOK, BLOCK_C, BLOCK_V) masks and
-    # offsets of h-like and state-like tensors; W's (BLOCK_C, BLOCK_V) offsets and mask
-    i = i0 + tl.arange(0, BLOCK_C)
-    i_ok = i < d
-    m2 = t_ok[:, None] & i_ok[None, :]
-    hoff = t[:, None] * d + i[None, :]
-    wm = i_ok[:, None] & j_ok[None, :]
-    return (i, m2, m2[:, :, None] & j_ok[None, None, :], hoff, hoff[:, :, None] * dv + j[None, None, :],
-            i[:, None] * dv + j[None, :], wm)
-
-
 CHUNK_LAUNCH = (512, 4)
 """d_v > 1: (elements of the state a pass holds, warps) of the two-pass kernels
 (``_fwd_chunk_kernel``, ``_bwd_chunk_kernel``); d = 768, d_v = 4 runs 128 rows of d a pass under 4 warps.
@@ -334,7 +275,10 @@ GPU session, runtime d_v), it cost more than it saved: each program adding a str
 own partial in memory, 406-1263 us over 27 launches; the one-tile loop (16 tokens a program under 8 warps, the
 partial in registers) 311 us; one token a program with a second kernel for grad W, 513 us. A single pass by row
 blocks across tokens, with grad W in registers and k^T g from a first kernel (the twelfth session), took
-288-774 us."""
+288-774 us. The two passes over 2 to 16 tokens a program, their share of grad W summed a row block at a time
+into a partial a program and the update's result recomputed (the seventeenth session, constant d_v, kernels
+timed as CUDA graphs): at best 219 us (4 tokens, 256 rows, 4 warps) against 141 + 46 us for this kernel and
+the reduction beside it, and the step 0.8 ms slower."""
 
 
 def _launch(d: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
@@ -353,27 +297,12 @@ def _chunk_launch(d: int, dv: int, launch: tuple | None) -> tuple[int, int, int]
     program, warps[, registers]) asks for the one-tile kernels; ``("chunk", rows, warps)`` sets the rows of
     d a pass."""
     block_v = triton.next_power_of_2(dv)
-    if launch is None or launch[0] == "group":  # a token group is the folded backward's; the rest runs as default
+    if launch is None:
         elements, warps = CHUNK_LAUNCH
         return min(max(1, elements // block_v), triton.next_power_of_2(d)), block_v, warps
     if launch[0] == "chunk":
         return launch[1], block_v, launch[2]
     return None
-
-
-GROUP_LAUNCH: tuple[int, int, int] | None = None
-"""(tokens a program, rows of d a pass, warps) where the folded backward runs ``_bwd_group_kernel`` by default,
-which also sums grad W; None (the default): ``_bwd_chunk_kernel``, grad W left to the caller.
-``bench/throughput.py``'s suffix ``:group`` sets it for an A/B; why it is off: docs/PERFORMANCE.md."""
-
-
-def _group_launch(d: int, dv: int, launch: tuple | None, read: bool) -> tuple[int, int, int, int] | None:
-    """The folded backward's (TOK, BLOCK_C, BLOCK_V, num_warps) where it runs ``_bwd_group_kernel``: by default,
-    or where ``launch`` = ``("group", tokens, rows, warps)``; else None."""
-    if not read or (launch is not None and launch[0] != "group") or (launch is None and GROUP_LAUNCH is None):
-        return None
-    tok, rows, warps = GROUP_LAUNCH if launch is None else launch[1:]
-    return tok, min(rows, triton.next_power_of_2(d)), triton.next_power_of_2(dv), warps
 
 
 def _regs(launch: tuple[int, ...] | None) -> dict:
@@ -401,7 +330,7 @@ def backward(g: torch.Tensor, X: torch.Tensor, h: torch.Tensor, v: torch.Tensor,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contiguous g and X (n, d, d_v), h (n, d) and forward's fp32 row scalars -> grad_X, grad_h (their
     inputs' dtypes), grad_v (n, d_v), grad_beta (n, 1) fp32."""
-    return _backward(g, None, X, h, v, beta, None, rnorm, p, launch)[:4]
+    return _backward(g, None, X, h, v, beta, None, rnorm, p, launch)
 
 
 def forward_read(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, W: torch.Tensor, eps: float,
@@ -415,12 +344,10 @@ def forward_read(X: torch.Tensor, h: torch.Tensor, v: torch.Tensor, beta: torch.
 
 def backward_read(g: torch.Tensor, gy: torch.Tensor, X: torch.Tensor, h: torch.Tensor, v: torch.Tensor,
                   beta: torch.Tensor, W: torch.Tensor, rnorm: torch.Tensor, p: torch.Tensor,
-                  launch: tuple | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`backward` with the readout's gradient gy (n, d) joined to the state's, g + gy W^T, and grad W =
-    sum_t gy_t out_t (d, d_v) fp32 of the update's result out, recomputed. The default launch (``GROUP_LAUNCH``,
-    or ``("group", tokens, rows, warps)``) sums grad W in the kernel; other launches leave it to the caller
-    (None)."""
+                  launch: tuple[int, ...] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`backward` with the readout's gradient gy (n, d) joined to the state's, g + gy W^T. grad W =
+    sum_t gy_t out_t is left to the caller."""
     return _backward(g, gy, X, h, v, beta, W, rnorm, p, launch)
 
 
@@ -450,7 +377,7 @@ def _forward(X, h, v, beta, eps, W, launch):
 
 
 def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
-    """Both backwards: gy and W (d_v > 1 only) add the readout's gradient; -> (gX, gh, gv, gbeta, gW or None)."""
+    """Both backwards: gy and W (d_v > 1 only) add the readout's gradient; -> (gX, gh, gv, gbeta)."""
     n, d, dv = X.shape
     gX, gh = torch.empty_like(X), torch.empty_like(h)
     gv = torch.empty(n, dv, dtype=torch.float32, device=X.device)
@@ -459,16 +386,8 @@ def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
         rows, block_d, num_warps = _launch(d, launch)
         wrap_triton(_bwd_kernel)[(triton.cdiv(n, rows),)](g, X, h, v, beta, rnorm, p, gX, gh, gv, gbeta, n, d,
                                                           ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
-        return gX, gh, gv, gbeta, None
+        return gX, gh, gv, gbeta
     read, gy, W = W is not None, g if gy is None else gy, X if W is None else W
-    if (group := _group_launch(d, dv, launch, read)) is not None:
-        tok, block_c, block_v, num_warps = group
-        programs = triton.cdiv(n, tok)
-        parts = torch.empty(programs, d, dv, dtype=torch.float32, device=X.device)
-        wrap_triton(_bwd_group_kernel)[(programs,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, parts, n,
-                                                    d, dv, TOK=tok, BLOCK_C=block_c, BLOCK_V=block_v,
-                                                    num_warps=num_warps)
-        return gX, gh, gv, gbeta, parts.sum(0)
     if (chunk := _chunk_launch(d, dv, launch)) is not None:
         block_c, block_v, num_warps = chunk
         wrap_triton(_bwd_chunk_kernel)[(n,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, d, dv,
@@ -478,4 +397,4 @@ def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
         wrap_triton(_bwd_tile_kernel)[(programs,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, n, d,
                                                    dv, READ=read, STRIDED=programs < n, BLOCK_D=block_d,
                                                    BLOCK_V=block_v, num_warps=num_warps, **_regs(launch))
-    return gX, gh, gv, gbeta, None
+    return gX, gh, gv, gbeta

@@ -236,24 +236,20 @@ def _op_read(X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
 
 
 @_op_def("deltascope::delta_update_read_backward")
-def _op_read_backward(g: Tensor, gy: Tensor, X: Tensor, out: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
-                      rnorm: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad_X, grad_h, grad_v, grad_beta, grad_W), the first four in their inputs' dtypes (v, beta fp32), the
-    readout's gradient gy joined to the state's as g + gy W^T; grad_W = sum_t gy_t out_t (d, d_v) fp32 of the
-    update's result ``out``: :func:`read_weight_grad`, which inductor traces into one reduction, or summed by the
-    backward kernel itself (``ddl._fused_kernels.GROUP_LAUNCH``), which then does not read ``out``."""
+def _op_read_backward(g: Tensor, gy: Tensor, X: Tensor, h: Tensor, v: Tensor, beta: Tensor, W: Tensor,
+                      rnorm: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (grad_X, grad_h, grad_v, grad_beta), each in its input's dtype (v, beta fp32), the readout's gradient gy
+    joined to the state's as g + gy W^T. grad W is not here: see :func:`_backward_read`."""
     d, dv = X.shape[-2:]
     if X.numel() == 0 or not _use_triton(X):
-        grads = _backward_torch(g.float() + gy.float().unsqueeze(-1) * W.float(), X, h, v, beta, rnorm, p)
-        return (*grads, read_weight_grad(gy, out))
+        return _backward_torch(g.float() + gy.float().unsqueeze(-1) * W.float(), X, h, v, beta, rnorm, p)
     from ddl import _fused_kernels
 
-    gX, gh, gv, gbeta, gW = _fused_kernels.backward_read(
+    gX, gh, gv, gbeta = _fused_kernels.backward_read(
         _rows(g, d, dv), _rows(gy, d), _rows(X, d, dv), _rows(h, d), _rows(v, dv), _rows(beta, 1), W.contiguous(),
         _rows(rnorm, 1), _rows(p, dv))
-    if gW is None:  # the default: the one-token-a-program kernel, grad W beside it
-        gW = read_weight_grad(gy, out)
-    return gX.view(X.shape), gh.view(h.shape), gv.view(v.shape), gbeta.view(beta.shape), gW
+    return gX.view(X.shape), gh.view(h.shape), gv.view(v.shape), gbeta.view(beta.shape)
+
 
 
 def _setup_read(ctx, inputs, output):
@@ -270,16 +266,15 @@ def read_weight_grad(gy: Tensor, out: Tensor) -> Tensor:
 
 
 def _backward_read(ctx, grad_out, grad_y, _grad_rnorm, _grad_p):
-    """grad W = sum_t gy_t out_t comes from the backward op: by default a product and a sum in it, which inductor
-    compiles into one reduction that reads the update's result and gy (56 us a site on an H100); summed in the
-    kernel (``ddl._fused_kernels.GROUP_LAUNCH``), it cost more than it saved (docs/PERFORMANCE.md). Keeping
-    ``out``, the forward's result, for it costs 1.1 GiB of peak memory on the small preset."""
+    """grad W = sum_t gy_t out_t is a product and a sum outside the op: compiled, one inductor reduction that
+    reads the update's result and gy (56 us a site on an H100). Summed in the kernels, it cost more than it
+    saved (``ddl._fused_kernels.CHUNK_LAUNCH``). Keeping ``out``, the forward's result, for it costs 1.1 GiB
+    of peak memory on the small preset."""
     X, out, h, v, beta, W, rnorm, p = ctx.saved_tensors
     grad_out = torch.zeros_like(X) if grad_out is None else grad_out
     grad_y = torch.zeros_like(h, dtype=X.dtype) if grad_y is None else grad_y
-    gX, gh, gv, gbeta, gW = torch.ops.deltascope.delta_update_read_backward(grad_out, grad_y, X, out, h, v, beta, W,
-                                                                           rnorm, p)
-    return gX, gh, gv, gbeta, gW.to(W.dtype), None
+    gX, gh, gv, gbeta = torch.ops.deltascope.delta_update_read_backward(grad_out, grad_y, X, h, v, beta, W, rnorm, p)
+    return gX, gh, gv, gbeta, read_weight_grad(grad_y, out).to(W.dtype), None
 
 
 _op_read.register_autograd(_backward_read, setup_context=_setup_read)

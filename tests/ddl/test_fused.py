@@ -564,12 +564,11 @@ def test_cuda_inductor_launches_the_kernels_itself(d_v):
 
 @pytest.mark.gpu
 @cuda_kernels
-@pytest.mark.parametrize("launch", [None, ("group", 16, 32, 4), ("chunk", 64, 4), (16, 8), (1, 16)])
+@pytest.mark.parametrize("launch", [None, ("chunk", 64, 4), (16, 8), (1, 16)])
 @pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:3], ids=dtype_ids[:3])
 def test_cuda_folded_readout_matches_float64(x_dtype, h_dtype, launch):
     """The small model's shape, d = 768 and d_v = 4: the op (its default launch), and the kernels under other
-    launches: another token group, two passes over 64 rows, the one-tile kernels as a loop and one token a
-    program."""
+    launches: two passes over 64 rows, the one-tile kernels as a loop and one token a program."""
     t, g = inputs((3, 50), 768, 4, x_dtype, h_dtype, device="cuda")
     W = torch.randn(768, 4, device="cuda").requires_grad_()
     gy = torch.randn(3, 50, 768, device="cuda").to(x_dtype)
@@ -614,12 +613,11 @@ def test_launch_shapes_give_the_default_result(d_v, launch):
 
 @pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
-@pytest.mark.parametrize("launch", [(1, 2), (3, 4), (16, 8), ("chunk", 4, 1), ("chunk", 16, 2), ("group", 1, 4, 1),
-                                    ("group", 4, 8, 2), ("group", 16, 16, 4)])
+@pytest.mark.parametrize("launch", [(1, 2), (3, 4), (16, 8), ("chunk", 4, 1), ("chunk", 16, 2)])
 def test_folded_launch_shapes_give_the_default_result(launch):
-    """The folded kernels under other launches compute what their default launch does: the one-tile kernels one
-    token a program (straight-line) or several (a loop), the two-pass ones with other rows a pass, the backward's
-    token groups (11 tokens: the last group part-masked), which also sum grad W."""
+    """The folded kernels under other launches compute what their default launch (two passes) does: the
+    one-tile kernels one token a program (straight-line) or several (a loop), the two-pass ones with other
+    rows a pass."""
     from ddl import _fused_kernels as fk
 
     n, d, d_v = 11, 13, 4
@@ -633,11 +631,8 @@ def test_folded_launch_shapes_give_the_default_result(launch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     wb = fk.backward_read(gout, gy, X, h, v, beta, W, want[2], want[3])
     gb = fk.backward_read(gout, gy, X, h, v, beta, W, want[2], want[3], launch)
-    assert wb[4] is None and (gb[4] is not None) == (launch[0] == "group")  # the default leaves grad W beside
-    for a, b in zip(gb[:4], wb[:4], strict=True):
+    for a, b in zip(gb, wb, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    if gb[4] is not None:
-        torch.testing.assert_close(gb[4], fused.read_weight_grad(gy, want[0]), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.kernels
@@ -728,20 +723,16 @@ def folded_by_kernels(t: dict, W: torch.Tensor, g: torch.Tensor, gy: torch.Tenso
     d, dv = X.shape[-2:]
     rows = (X.reshape(-1, d, dv), h.reshape(-1, d), v.reshape(-1, dv), beta.reshape(-1, 1))
     out, y, rnorm, p = fk.forward_read(*rows, W.detach().to(X.dtype), EPS, launch)
-    *grads, gW = fk.backward_read(g.reshape(-1, d, dv), gy.reshape(-1, d), *rows, W.detach().to(X.dtype), rnorm, p,
-                                  launch)
-    if gW is None:  # a launch whose kernels leave grad W to the caller
-        gW = fused.read_weight_grad(gy.reshape(-1, d), out)
+    grads = fk.backward_read(g.reshape(-1, d, dv), gy.reshape(-1, d), *rows, W.detach().to(X.dtype), rnorm, p, launch)
+    gW = fused.read_weight_grad(gy.reshape(-1, d), out)  # as the op's autograd sums grad W, beside the kernels
     return (out.view(X.shape), y.view(h.shape),
             [a.view(x.shape) for a, x in zip(grads, t.values(), strict=True)] + [gW])
 
 
-@pytest.mark.parametrize("launch", [None, ("group", 4, 4, 1), ("group", 2, 16, 2), ("chunk", 4, 1), ("chunk", 16, 2),
-                                    (3, 4), (1, 4)])
+@pytest.mark.parametrize("launch", [None, ("chunk", 4, 1), ("chunk", 16, 2), (3, 4), (1, 4)])
 def test_folded_launches_match_float64(impl, launch):
-    """The folded kernels under each kind of launch: two passes over row blocks one token a program, grad W
-    beside (the default, and other rows a pass), the backward a group of tokens a program, grad W summed in it,
-    and the one-tile kernels as a loop over tokens (3, 4) or one token a program (1, 4)."""
+    """The folded kernels under each kind of launch: two passes over row blocks (the default, and other rows a
+    pass), and the one-tile kernels as a loop over tokens (3, 4) or one token a program (1, 4)."""
     if impl == "torch" and launch is not None:
         pytest.skip("launch shapes exist only for the Triton kernels")
     t, g = inputs((2, 7), 13, 4)
