@@ -116,22 +116,25 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
     return out
 
 
+SWEEPS = {"plain1": (1, torch.float32, False), "plain4": (4, torch.bfloat16, False), "read": (4, torch.bfloat16, True)}
+"""``--only``'s choices: (d_v, the state's dtype, the readout folded in) of each sweep, in the order they run."""
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--d", type=int, default=768)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--json")
-    p.add_argument("--only", choices=["plain1", "plain4", "read"], action="append",
+    p.add_argument("--only", choices=list(SWEEPS), action="append",
                    help="sweep these kernels only (repeatable): d_v = 1, d_v = 4, d_v = 4 with the readout folded in")
     args = p.parse_args()
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("bench/fused_kernels.py needs a CUDA device (or TRITON_INTERPRET=1 for a smoke run on CPU)")
     n, d = args.tokens, args.d
-    only = set(args.only or ["plain1", "plain4", "read"])
-    rows_out = ((sweep(1, torch.float32, n, d, args.iters) if "plain1" in only else [])
-                + (sweep(4, torch.bfloat16, n, d, args.iters) if "plain4" in only else [])
-                + (sweep(4, torch.bfloat16, n, d, args.iters, read=True) if "read" in only else []))
+    only = set(args.only or SWEEPS)
+    rows_out = [r for kind, (dv, xdt, read) in SWEEPS.items() if kind in only
+                for r in sweep(dv, xdt, n, d, args.iters, read)]
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (Triton interpreter)"
     if args.json:
         with open(args.json, "a") as f:
