@@ -20,7 +20,8 @@ as before they were written as reductions); ``:mm`` and ``:nomm`` take the weigh
 matmul over the tokens each, or as column sums, whatever the model's size (``NarrowLinear.MM_WEIGHT_GRAD``; by
 default d_v > 1 models take the matmul); ``:fold`` and ``:nofold`` set ``ddl.fused.FOLD_READOUT`` to True
 and False (each fused update also makes the next CC readout, or none does; by default it does when compiled),
-e.g. ``ddl_dv4_fused:nofold``.
+e.g. ``ddl_dv4_fused:nofold``; ``:noec`` runs the EC expander and block 0's readout as modules, not as the fused
+``ddl.fused.expand_read`` a compiled fused model takes on CUDA.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ VARIANTS = {
 }
 
 
-SUFFIXES = ("gemv", "mm", "nomm", "fold", "nofold")
+SUFFIXES = ("gemv", "mm", "nomm", "fold", "nofold", "noec")
 
 
 def variant_names(spec: str) -> list[str]:
@@ -75,14 +76,18 @@ def switched(name: str):
     does not guard on the swapped forward and would reuse this variant's graphs for the next."""
     suffix = name.partition(":")[2]
     forward, fold, mm = layers.NarrowLinear.forward, fused.FOLD_READOUT, layers.NarrowLinear.MM_WEIGHT_GRAD
+    expand = fused.supported_expand
     if suffix == "gemv":
         layers.NarrowLinear.forward = nn.Linear.forward
+    if suffix == "noec":  # EC and block 0's readout as modules, not fused.expand_read
+        fused.supported_expand = lambda e: False
     layers.NarrowLinear.MM_WEIGHT_GRAD = {"mm": True, "nomm": False}.get(suffix, mm)
     fused.FOLD_READOUT = {"fold": True, "nofold": False}.get(suffix, fold)
     try:
         yield
     finally:
         layers.NarrowLinear.forward, fused.FOLD_READOUT, layers.NarrowLinear.MM_WEIGHT_GRAD = forward, fold, mm
+        fused.supported_expand = expand
         torch._dynamo.reset()
 
 

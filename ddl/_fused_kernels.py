@@ -398,3 +398,132 @@ def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
                                                    dv, READ=read, STRIDED=programs < n, BLOCK_D=block_d,
                                                    BLOCK_V=block_v, num_warps=num_warps, **_regs(launch))
     return gX, gh, gv, gbeta
+
+
+# -- EC expansion with the first CC readout folded in (d_v > 1) -----------------------------------------
+# X[r, i, j] = sum_q w[i, j, q] e[r - s_q, i], s_q = K - 1 - q, zeros before the start of r's sequence (T tokens a
+# sequence, rows r = b T + t); y[r, i] = sum_j W[i, j] X[r, i, j]. A program owns TB tokens and BC rows of d; nothing
+# couples rows of d, so the backward's sums over tokens (grad w, and C below for grad W) run in registers over a
+# program's STEPS token blocks, one partial a program, which a small sum finishes.
+
+
+@triton.jit
+def _ec_fwd_kernel(E, WC, W, X, Y, n, T, d, K: tl.constexpr, dv: tl.constexpr, READ: tl.constexpr,
+                   TB: tl.constexpr, BC: tl.constexpr, BLOCK_V: tl.constexpr):
+    r = tl.program_id(0) * TB + tl.arange(0, TB)
+    i = tl.program_id(1) * BC + tl.arange(0, BC)
+    j = tl.arange(0, BLOCK_V)
+    r_ok, i_ok, j_ok = r < n, i < d, j < dv
+    t = r % T
+    iw = i_ok[:, None] & j_ok[None, :]
+    acc = tl.zeros((TB, BC, BLOCK_V), dtype=tl.float32)
+    for q in tl.static_range(K):
+        ok = r_ok & (t >= K - 1 - q)  # the tap's token inside r's sequence
+        e = tl.load(E + (r - (K - 1 - q)).to(tl.int64)[:, None] * d + i[None, :], mask=ok[:, None] & i_ok[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(WC + (i[:, None] * dv + j[None, :]) * K + q, mask=iw, other=0.0).to(tl.float32)
+        acc += e[:, :, None] * w[None, :, :]
+    x = acc.to(X.dtype.element_ty)
+    offs = r.to(tl.int64)[:, None, None] * (d * dv) + (i[:, None] * dv + j[None, :])[None, :, :]
+    tl.store(X + offs, x, mask=r_ok[:, None, None] & iw[None, :, :])
+    if READ:
+        wr = tl.load(W + i[:, None] * dv + j[None, :], mask=iw, other=0.0).to(tl.float32)
+        y = tl.sum(x.to(tl.float32) * wr[None, :, :], axis=2)
+        tl.store(Y + r.to(tl.int64)[:, None] * d + i[None, :], y.to(Y.dtype.element_ty),
+                 mask=r_ok[:, None] & i_ok[None, :])
+
+
+@triton.jit
+def _ec_bwd_kernel(GX, GY, E, WC, W, GE, GWP, CP, n, T, d, K: tl.constexpr, dv: tl.constexpr, READ: tl.constexpr,
+                   STEPS: tl.constexpr, TB: tl.constexpr, BC: tl.constexpr, BLOCK_V: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    # g = gX + gy W^T (READ), the whole gradient of X. With r' = r - s_q:
+    #   grad e[r', i]    = sum_q sum_j g[r' + s_q, i, j] w[i, j, q]
+    #   grad w[i, j, q]  = sum_r' g[r' + s_q, i, j] e[r', i]
+    #   C[i, q]          = sum_r' gy[r' + s_q, i] e[r', i]     (grad W[i, j] = sum_q w[i, j, q] C[i, q], by the caller)
+    # each over the r' whose r' + s_q lies in the same sequence. Partials: GWP (programs along tokens, d, dv, K),
+    # CP (programs along tokens, d, K), fp32.
+    pt = tl.program_id(0)
+    i = tl.program_id(1) * BC + tl.arange(0, BC)
+    j = tl.arange(0, BLOCK_V)
+    kq = tl.arange(0, BLOCK_K)
+    i_ok, j_ok = i < d, j < dv
+    iw = i_ok[:, None] & j_ok[None, :]
+    tile = i[:, None] * dv + j[None, :]
+    if READ:  # noqa: SIM108 (a constexpr branch: each compiled kernel has one side)
+        wr = tl.load(W + tile, mask=iw, other=0.0).to(tl.float32)
+    else:
+        wr = tl.zeros((BC, BLOCK_V), dtype=tl.float32)
+    gw = tl.zeros((BC, BLOCK_V, BLOCK_K), dtype=tl.float32)
+    cq = tl.zeros((BC, BLOCK_K), dtype=tl.float32)
+    for step in range(STEPS):
+        r = (pt * STEPS + step) * TB + tl.arange(0, TB)
+        r_ok = r < n
+        t = r % T
+        e = tl.load(E + r.to(tl.int64)[:, None] * d + i[None, :], mask=r_ok[:, None] & i_ok[None, :],
+                    other=0.0).to(tl.float32)
+        ge = tl.zeros((TB, BC), dtype=tl.float32)
+        for q in tl.static_range(K):
+            s = K - 1 - q
+            ok = r_ok & (t + s < T)  # r + s in r's sequence (and so below n)
+            rs = (r + s).to(tl.int64)
+            m3 = ok[:, None, None] & iw[None, :, :]
+            g = tl.load(GX + rs[:, None, None] * (d * dv) + tile[None, :, :], mask=m3, other=0.0).to(tl.float32)
+            if READ:
+                gy = tl.load(GY + rs[:, None] * d + i[None, :], mask=ok[:, None] & i_ok[None, :],
+                             other=0.0).to(tl.float32)
+                g += gy[:, :, None] * wr[None, :, :]
+                cq += tl.sum(gy * e, axis=0)[:, None] * (kq == q)[None, :]
+            w = tl.load(WC + tile * K + q, mask=iw, other=0.0).to(tl.float32)
+            ge += tl.sum(g * w[None, :, :], axis=2)
+            gw += tl.sum(g * e[:, :, None], axis=0)[:, :, None] * (kq == q)[None, None, :]
+        tl.store(GE + r.to(tl.int64)[:, None] * d + i[None, :], ge.to(GE.dtype.element_ty),
+                 mask=r_ok[:, None] & i_ok[None, :])
+    base = pt.to(tl.int64) * d
+    tl.store(GWP + ((base + i[:, None, None]) * dv + j[None, :, None]) * K + kq[None, None, :], gw,
+             mask=iw[:, :, None] & (kq < K)[None, None, :])
+    if READ:
+        tl.store(CP + (base + i[:, None]) * K + kq[None, :], cq, mask=i_ok[:, None] & (kq < K)[None, :])
+
+
+EC_LAUNCH = (16, 64, 4, 16)
+"""(tokens a block, rows of d a block, warps, token blocks a backward program) of the EC kernels."""
+
+
+def _ec_shape(e: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int, int]:
+    B, T, d = e.shape
+    return B * T, T, d, w.shape[1], w.shape[2]
+
+
+def ec_forward(e: torch.Tensor, w: torch.Tensor, W: torch.Tensor | None,
+               launch: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """e (B, T, d) and w (d, d_v, K), contiguous -> X (B, T, d, d_v) in e's dtype, and with W (d, d_v) the
+    readout y (B, T, d) = sum_j W[:, j] X[..., j] (else None)."""
+    n, T, d, dv, K = _ec_shape(e, w)
+    tb, bc, warps, _ = launch or EC_LAUNCH
+    X = torch.empty(*e.shape, dv, dtype=e.dtype, device=e.device)
+    y = None if W is None else torch.empty_like(e)
+    wrap_triton(_ec_fwd_kernel)[(triton.cdiv(n, tb), triton.cdiv(d, bc))](
+        e, w, w if W is None else W, X, X if y is None else y, n, T, d, K=K, dv=dv, READ=W is not None, TB=tb,
+        BC=bc, BLOCK_V=triton.next_power_of_2(dv), num_warps=warps)
+    return X, y
+
+
+def ec_backward(gX: torch.Tensor, gy: torch.Tensor | None, e: torch.Tensor, w: torch.Tensor, W: torch.Tensor | None,
+                launch: tuple[int, int, int, int] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """gX (B, T, d, d_v), gy (B, T, d) or None, contiguous -> (grad e in e's dtype, grad w (d, d_v, K) fp32, and
+    with W grad W (d, d_v) fp32, else None)."""
+    n, T, d, dv, K = _ec_shape(e, w)
+    tb, bc, warps, steps = launch or EC_LAUNCH
+    programs = triton.cdiv(n, tb * steps)
+    ge = torch.empty_like(e)
+    gwp = torch.empty(programs, d, dv, K, dtype=torch.float32, device=e.device)
+    cp = torch.empty(programs, d, K, dtype=torch.float32, device=e.device) if W is not None else gwp
+    read = W is not None
+    wrap_triton(_ec_bwd_kernel)[(programs, triton.cdiv(d, bc))](
+        gX, gy if read else gX, e, w, W if read else w, ge, gwp, cp, n, T, d, K=K, dv=dv, READ=read, STEPS=steps,
+        TB=tb, BC=bc, BLOCK_V=triton.next_power_of_2(dv), BLOCK_K=triton.next_power_of_2(K), num_warps=warps)
+    gw = gwp.sum(0)
+    gW = (w.float() * cp.sum(0)[:, None, :]).sum(-1) if read else None
+    return ge, gw, gW

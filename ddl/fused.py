@@ -278,3 +278,80 @@ def _backward_read(ctx, grad_out, grad_y, _grad_rnorm, _grad_p):
 
 
 _op_read.register_autograd(_backward_read, setup_context=_setup_read)
+
+
+# -- EC expansion with the first CC readout folded in ------------------------------------------------------------
+def supported_expand(e: Tensor) -> bool:
+    """Whether ``ECExpander`` should take the fused expansion for an embedding e (B, T, d): CUDA and Triton."""
+    return e.is_cuda and HAS_TRITON
+
+
+def expand_read_reference(e: Tensor, w: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """The unfused path: ``ECExpander``'s causal conv as K shifted products in fp32, rounded to e's dtype, then
+    ``CCCompressor``'s readout of the result by W (as compiled: one rounding). e (B, T, d), w (d, d_v, K) with
+    w[..., K - 1] the current token's tap, W (d, d_v) -> (X (B, T, d, d_v), y (B, T, d))."""
+    T, K = e.shape[1], w.shape[2]
+    ep = torch.nn.functional.pad(e.float(), (0, 0, K - 1, 0))  # zeros before each sequence's start
+    X = sum(ep[:, q:q + T, :, None] * w.float()[:, :, q] for q in range(K)).to(e.dtype)
+    return X, (X.float() * W.float()).sum(-1).to(e.dtype)
+
+
+def expand_read(e: Tensor, w: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`expand_read_reference` as one op: one Triton kernel forward, one backward. The state is written once
+    and block 0's readout of it comes from the same kernel; the backward joins the readout's gradient to the
+    state's in registers and sums the gradients of w and W over the tokens there. Dtypes as given (the caller
+    casts under autocast); grads in the inputs' dtypes."""
+    return torch.ops.deltascope.expand_read(e, w, W)
+
+
+@_op_def("deltascope::expand_read")
+def _op_expand(e: Tensor, w: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """e (B, T, d), w (d, d_v, K), W (d, d_v) -> (X (B, T, d, d_v), y (B, T, d)), both in e's dtype."""
+    if e.numel() == 0 or not _use_triton(e.unsqueeze(-1)):  # a (d, 1) tile: the check is the device's
+        X, y = expand_read_reference(e, w, W)
+        return X.contiguous(), y.contiguous()
+    from ddl import _fused_kernels
+
+    X, y = _fused_kernels.ec_forward(e.contiguous(), w.contiguous(), W.contiguous())
+    return X, y
+
+
+@_op_def("deltascope::expand_read_backward")
+def _op_expand_backward(gX: Tensor, gy: Tensor, e: Tensor, w: Tensor, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (grad e, grad w, grad W) in the dtypes of e, w and W."""
+    if e.numel() == 0 or not _use_triton(e.unsqueeze(-1)):
+        ge, gw, gW = _expand_backward_torch(gX.float(), gy.float(), e, w, W)
+    else:
+        from ddl import _fused_kernels
+
+        ge, gw, gW = _fused_kernels.ec_backward(gX.contiguous(), gy.contiguous(), e.contiguous(), w.contiguous(),
+                                                W.contiguous())
+    return ge.to(e.dtype), gw.to(w.dtype), gW.to(W.dtype)
+
+
+def _expand_backward_torch(g32: Tensor, gy32: Tensor, e: Tensor, w: Tensor, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward in PyTorch, fp32: g = gX + gy W^T; with s = K - 1 - q the tap's lag, grad e[t] = sum_q g[t + s]
+    w[..., q], grad w[..., q] = sum_t g[t + s] e[t], grad W = sum_q w[..., q] sum_t gy[t + s] e[t]."""
+    T, K = e.shape[1], w.shape[2]
+    w32, e32 = w.float(), e.float()
+    g = g32 + gy32.unsqueeze(-1) * W.float()
+    gp = torch.nn.functional.pad(g, (0, 0, 0, 0, 0, K - 1))  # zeros past each sequence's end
+    gyp = torch.nn.functional.pad(gy32, (0, 0, 0, K - 1))
+    ge = sum((gp[:, K - 1 - q:K - 1 - q + T] * w32[:, :, q]).sum(-1) for q in range(K))
+    gw = torch.stack([(gp[:, K - 1 - q:K - 1 - q + T] * e32.unsqueeze(-1)).sum((0, 1)) for q in range(K)], -1)
+    c = torch.stack([(gyp[:, K - 1 - q:K - 1 - q + T] * e32).sum((0, 1)) for q in range(K)], -1)  # (d, K)
+    return ge, gw, (w32 * c.unsqueeze(1)).sum(-1)
+
+
+def _setup_expand(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_expand(ctx, grad_X, grad_y):
+    e, w, W = ctx.saved_tensors
+    grad_X = torch.zeros(*e.shape, w.shape[1], dtype=e.dtype, device=e.device) if grad_X is None else grad_X
+    grad_y = torch.zeros_like(e) if grad_y is None else grad_y
+    return torch.ops.deltascope.expand_read_backward(grad_X, grad_y, e, w, W)
+
+
+_op_expand.register_autograd(_backward_expand, setup_context=_setup_expand)

@@ -100,10 +100,8 @@ class DDLModel(nn.Module):
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size={self.cfg.block_size}")
-        x = self.wte(idx)  # (B, T, d)
-        X = self.expand(x) if self.expand is not None else x  # (B, T, d) or (B, T, d, d_v)
-        x = None  # each block hands the next its first readout, and the last block the model's
-        for i, block in enumerate(self.blocks):
+        X, x = self._expand(self.wte(idx))  # X (B, T, d) or (B, T, d, d_v)
+        for i, block in enumerate(self.blocks):  # each block hands the next its first readout, the last the model's
             read_next = self.blocks[i + 1].compress if i + 1 < len(self.blocks) else self.readout
             X, x = block(X, x, read_next)  # (B, T, d): the readout of X, or X for d_v = 1
         logits = self.lm_head(self.ln_f(x)).float()  # (B, T, V)
@@ -111,6 +109,15 @@ class DDLModel(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
         return logits, loss
+
+    def _expand(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The initial state, and block 0's readout of it where one fused op makes both (else None: block 0
+        reads it itself)."""
+        if self.expand is None:
+            return e, None
+        if isinstance(self.expand, ECExpander) and (folded := self.expand.expand_and_read(e, self.blocks[0].compress)):
+            return folded
+        return self.expand(e), None
 
     def delta_residuals(self) -> list[DeltaResidual]:
         """The model's delta residuals in forward order (attn, mlp per layer); [] if additive."""

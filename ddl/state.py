@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddl import fused
 from ddl.config import DDLConfig
 
 
@@ -33,6 +34,7 @@ class ECExpander(nn.Module):
         super().__init__()
         self.d_v, self.K = cfg.d_v, cfg.embed_conv_kernel
         self.weight = nn.Parameter(torch.empty(cfg.d_model * cfg.d_v, 1, self.K))
+        self.fused = cfg.fused_delta
         self.reset_identity()
 
     def reset_identity(self) -> None:
@@ -47,6 +49,24 @@ class ECExpander(nn.Module):
             return self._shifted_sum(e)
         y = F.conv1d(F.pad(e.transpose(1, 2), (self.K - 1, 0)), self.weight.to(e.dtype), groups=d)
         return y.transpose(1, 2).reshape(B, T, d, self.d_v)  # (B, T, d, d_v)
+
+    def expand_and_read(self, e: torch.Tensor, read: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(X, read(X)) from one fused op (``ddl.fused.expand_read``): the state written once, block 0's readout
+        of it made in the same kernel, and in the backward the readout's gradient joined to the state's in
+        registers. None where it does not apply, and the caller runs ``self`` and ``read`` as modules.
+
+        It applies with ``cfg.fused_delta`` and ``fused.fold_readout()`` (by default, inside ``torch.compile``),
+        on CUDA with Triton, for a CC compressor as ``read``, with no hook on either module. Compiled without
+        it, inductor's kernels for the shifted sum, the readout and their backward took about 1.5 ms of a
+        d_v = 4 step on an H100 (the small preset, docs/PERFORMANCE.md), several times what their bytes need."""
+        if not (self.fused and fused.fold_readout() and isinstance(read, CCCompressor) and fused.supported_expand(e)
+                and not (self._forward_hooks or self._forward_pre_hooks or read._forward_hooks
+                         or read._forward_pre_hooks)):
+            return None
+        d = e.shape[-1]
+        dtype = torch.get_autocast_dtype(e.device.type) if torch.is_autocast_enabled(e.device.type) else e.dtype
+        return fused.expand_read(e.to(dtype), self.weight.to(dtype).view(d, self.d_v, self.K),
+                                 read.w_eff().to(dtype))
 
     def _shifted_sum(self, e: torch.Tensor) -> torch.Tensor:
         """The conv as K shifted products, for inductor: one kernel writes the state token-major.

@@ -797,3 +797,181 @@ def test_benchmark_variant_switches_flip_the_code_path_and_restore_it(monkeypatc
     assert throughput.variant_names("additive,ddl_dv4_fused:fold") == ["additive", "ddl_dv4_fused:fold"]
     with pytest.raises(SystemExit, match="unknown variant 'ddl_dv9'"):
         throughput.variant_names("additive,ddl_dv9")
+
+
+# -- EC expansion with block 0's CC readout folded in (d_v > 1) -------------------------------------------------
+def ec_inputs(B, T, d, d_v, K, dtype, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    leaves = [torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+              for shape in ((B, T, d), (d, d_v, K), (d, d_v))]
+    grads = torch.randn(B, T, d, d_v, generator=gen).to(dtype), torch.randn(B, T, d, generator=gen).to(dtype)
+    return leaves, grads
+
+
+def expand_read64(e, w, W):
+    """The causal conv of each channel over its sequence's tokens and the W readout, float64: X[t, i, j] =
+    sum_s w[i, j, K - 1 - s] e[t - s, i] over the taps s <= t, and y = sum_j W[:, j] X[..., j]."""
+    T, K = e.shape[1], w.shape[2]
+    X = torch.zeros(*e.shape, w.shape[1], dtype=torch.float64)
+    for t in range(T):
+        for s in range(min(K, t + 1)):
+            X[:, t] = X[:, t] + e[:, t - s, :, None] * w[:, :, K - 1 - s]
+    return X, (X * W).sum(-1)
+
+
+@pytest.mark.parametrize(("T", "d", "d_v", "K"), [(9, 13, 4, 4), (5, 16, 3, 2), (3, 8, 4, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expand_read_matches_float64(impl, T, d, d_v, K, dtype):
+    """X, y and the grads of e, w and W against float64 autograd of the conv written out tap by tap; (3, 8, 4, 5)
+    has a kernel longer than the sequence."""
+    tol = TOL_INTERPRETED if impl == "triton" else TOL
+    (e, w, W), (gX, gy) = ec_inputs(2, T, d, d_v, K, dtype)
+    X, y = fused.expand_read(e, w, W)
+    got = torch.autograd.grad((X, y), (e, w, W), (gX, gy))
+    ref = [t.detach().double().requires_grad_() for t in (e, w, W)]
+    X64, y64 = expand_read64(*ref)
+    want = torch.autograd.grad((X64, y64), ref, (gX.double(), gy.double()))
+    assert X.dtype == y.dtype == dtype and X.shape == (2, T, d, d_v) and y.shape == (2, T, d)
+    assert_near(X, X64, tol[dtype], "X")
+    assert_near(y, (X.double() * W.double()).sum(-1), tol[dtype], "y")  # y reads the rounded X
+    for n, a, b, leaf in zip(["e", "w", "W"], got, want, (e, w, W), strict=True):
+        assert a.dtype == leaf.dtype and a.shape == leaf.shape
+        assert_near(a, b, tol[dtype], f"grad_{n}")
+
+
+def test_expand_read_reference_is_the_expander_and_compressor(monkeypatch):
+    """The op's reference is what ECExpander (compiled form) and CCCompressor compute, bit for bit in fp32."""
+    from ddl.state import CCCompressor, ECExpander
+
+    cfg = DDLConfig(**{**SMALL, "d_v": 4})
+    torch.manual_seed(0)
+    ec, cc = ECExpander(cfg), CCCompressor(cfg)
+    with torch.no_grad():
+        ec.weight.normal_()
+    e = torch.randn(2, 7, 16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the shifted sum, as compiled
+    X = ec(e)
+    got_X, got_y = fused.expand_read_reference(e, ec.weight.view(16, 4, cfg.embed_conv_kernel), cc.w_eff())
+    assert torch.equal(got_X, X)
+    torch.testing.assert_close(got_y, cc(X), rtol=1e-6, atol=1e-6)
+
+
+def test_expand_read_opcheck(impl):
+    (e, w, W), _ = ec_inputs(2, 6, 13, 4, 4, torch.float32)
+    torch.library.opcheck(torch.ops.deltascope.expand_read.default, (e, w, W),
+                          test_utils=opcheck_utils(impl, torch.float32, torch.float32))
+
+
+@pytest.mark.kernels
+@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("launch", [(4, 8, 1, 2), (16, 64, 4, 16), (2, 4, 2, 3)])
+def test_expand_read_launches_match_the_torch_formulas(launch):
+    """Any (tokens a block, rows a block, warps, blocks a backward program): tails of tokens and rows masked."""
+    from ddl import _fused_kernels as fk
+
+    (e, w, W), (gX, gy) = ec_inputs(3, 7, 13, 4, 4, torch.float32)
+    e, w, W = e.detach(), w.detach(), W.detach()
+    X, y = fk.ec_forward(e, w, W, launch)
+    want_X, want_y = fused.expand_read_reference(e, w, W)
+    torch.testing.assert_close(X, want_X, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, want_y, rtol=1e-6, atol=1e-6)
+    for a, b in zip(fk.ec_backward(gX, gy, e, w, W, launch), fused._expand_backward_torch(gX, gy, e, w, W),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class ExpandCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.deltascope.expand_read.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("hooked", [None, "expand", "compress"])
+def test_folded_expansion_model_step_matches_unfused(impl, monkeypatch, hooked):
+    """With the fold on, an EC + CC model makes its state and block 0's readout in one op, and a training step
+    matches the unfused model's; a hook on the expander or on block 0's compressor keeps them modules."""
+    monkeypatch.setattr(fused, "supported", lambda X, h: True)
+    monkeypatch.setattr(fused, "supported_expand", lambda e: True)
+    monkeypatch.setattr(fused, "FOLD_READOUT", True)
+    plain, twin = models(d_v=4)
+    with torch.no_grad():  # identity init mixes no tokens: make EC non-trivial
+        plain.expand.weight.normal_(0, 0.5)
+        twin.expand.weight.copy_(plain.expand.weight)
+    seen = []
+    if hooked:
+        mod = twin.expand if hooked == "expand" else twin.blocks[0].compress
+        mod.register_forward_hook(lambda m, a, o: seen.append(o))
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    with ExpandCalls() as calls:
+        twin(idx)
+    assert calls.n == (0 if hooked else 1) and len(seen) == (1 if hooked else 0)
+    (la, ga, _), (lb, gb, _) = train_step(plain), train_step(twin)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_expansion_fold_needs_its_conditions(monkeypatch):
+    """Off outside compile (by default), on CPU, without fused_delta and for a TC compressor: the modules run."""
+    from ddl.state import ECExpander
+
+    monkeypatch.setattr(fused, "supported_expand", lambda e: True)
+    e = torch.randn(2, 5, 16)
+    for kw, fold, want in (({}, None, False), ({}, True, True), ({"fused_delta": False}, True, False),
+                           ({"compressor": "tc"}, True, False)):
+        monkeypatch.setattr(fused, "FOLD_READOUT", fold)
+        m = DDLModel(DDLConfig(**{**SMALL, "d_v": 4, "fused_delta": True, **kw}))
+        assert isinstance(m.expand, ECExpander)
+        assert (m.expand.expand_and_read(e, m.blocks[0].compress) is not None) is want, (kw, fold)
+    monkeypatch.undo()
+    monkeypatch.setattr(fused, "FOLD_READOUT", True)
+    m = DDLModel(DDLConfig(**{**SMALL, "d_v": 4, "fused_delta": True}))
+    assert m.expand.expand_and_read(e, m.blocks[0].compress) is None  # a CPU tensor
+
+
+@pytest.mark.gpu
+@cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("T", "d"), [(50, 768), (7, 1000)])
+def test_cuda_expand_read_matches_float64(dtype, T, d):
+    """The small model's width and a masked one, K = 4, d_v = 4, on CUDA."""
+    (e, w, W), (gX, gy) = ec_inputs(3, T, d, 4, 4, dtype)
+    e, w, W = (t.detach().cuda().requires_grad_() for t in (e, w, W))
+    X, y = fused.expand_read(e, w, W)
+    got = torch.autograd.grad((X, y), (e, w, W), (gX.cuda(), gy.cuda()))
+    ref = [t.detach().cpu().double().requires_grad_() for t in (e, w, W)]
+    X64, y64 = expand_read64(*ref)
+    want = torch.autograd.grad((X64, y64), ref, (gX.double(), gy.double()))
+    assert_near(X.cpu(), X64, TOL[dtype], "X")
+    assert_near(y.cpu(), (X.cpu().double() * W.detach().cpu().double()).sum(-1), TOL[dtype], "y")
+    for n, a, b in zip(["e", "w", "W"], got, want, strict=True):
+        assert_near(a.cpu(), b, TOL[dtype], f"grad_{n}")
+
+
+@pytest.mark.gpu
+@cuda_kernels
+@pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
+def test_cuda_compiled_model_launches_the_expansion_kernels():
+    """Compiled on CUDA (the fold on by default there), an EC + CC model launches the expansion's kernels once each
+    way and its step matches the eager model's."""
+    from torch._inductor.utils import run_and_get_code
+
+    _, twin = models(block_size=64, d_v=4)
+    twin = twin.cuda()
+    with torch.no_grad():
+        twin.expand.weight.normal_(0, 0.5)
+    eager = copy.deepcopy(twin)
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, fullgraph=True)
+    idx = torch.randint(0, 97, (4, 64), device="cuda")
+    _, codes = run_and_get_code(lambda: compiled(idx, idx.roll(-1, 1))[1].backward())
+    code = "\n".join(codes)
+    assert len(re.findall(r"\b_ec_fwd_kernel\w*\.run\(", code)) == 1
+    assert len(re.findall(r"\b_ec_bwd_kernel\w*\.run\(", code)) == 1
+    eager(idx, idx.roll(-1, 1))[1].backward()
+    for (n, a), b in zip(twin.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
