@@ -954,6 +954,7 @@ def test_cuda_expand_read_matches_float64(dtype, T, d):
 
 @pytest.mark.gpu
 @cuda_kernels
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
 def test_cuda_compiled_model_launches_the_expansion_kernels():
     """Compiled on CUDA (the fold on by default there), an EC + CC model launches the expansion's kernels once each
