@@ -32,6 +32,7 @@ if [[ $what == host || $what == all ]]; then
 fi
 if [[ $what == kernels || $what == all ]]; then
   python3 bench/fused_kernels.py --json "$OUT/fused-kernels.jsonl"
+  python3 bench/ec_kernels.py --json "$OUT/ec-kernels.jsonl"
   python3 bench/throughput_profile.py --compile --variants additive,ddl_dv1,ddl_dv4_fused,ddl_dv4_fused:nofold --out "$OUT"
 fi
 if [[ $what == stats || $what == all ]]; then

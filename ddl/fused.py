@@ -30,6 +30,9 @@ without triton. Triton is imported on the first launch only: ``import ddl.fused`
 sublayer's CC readout y = sum_j W[:, j] out[:, j] of its result; its backward takes y's gradient gy and adds
 gy W^T to the state's gradient in registers. grad W = sum_t gy_t out_t is a product and a sum beside the op,
 which inductor compiles into one reduction.
+
+``expand_read`` (``ECExpander.expand_and_read``, under the same conditions) makes the EC expander's initial state and
+block 0's CC readout of it in one kernel, and their gradients in one backward kernel.
 """
 
 from __future__ import annotations

@@ -976,3 +976,24 @@ def test_cuda_compiled_model_launches_the_expansion_kernels():
     eager(idx, idx.roll(-1, 1))[1].backward()
     for (n, a), b in zip(twin.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.kernels
+@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
+def test_expansion_kernel_benchmark_runs_under_the_interpreter(tmp_path):
+    """bench/ec_kernels.py end to end on a tiny shape: every launch it sweeps runs and is recorded."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ec.jsonl"
+    res = subprocess.run([sys.executable, str(root / "bench" / "ec_kernels.py"), "--tokens", "32", "--seq", "16",
+                          "--d", "16", "--iters", "1", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root),
+                                                                                        os.environ.get("PYTHONPATH")]))})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) >= 8 and all(r["fwd_us"] > 0 and r["bwd_us"] > 0 and r["fwd_mb"] > 0 for r in rows)
+    assert "fwd us" in res.stdout
