@@ -408,8 +408,8 @@ def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
 
 
 @triton.jit
-def _ec_fwd_kernel(E, WC, W, X, Y, n, T, d, K: tl.constexpr, dv: tl.constexpr, READ: tl.constexpr,
-                   TB: tl.constexpr, BC: tl.constexpr, BLOCK_V: tl.constexpr):
+def _ec_fwd_kernel(E, WC, W, X, Y, n, T, d, K: tl.constexpr, dv: tl.constexpr, TB: tl.constexpr, BC: tl.constexpr,
+                   BLOCK_V: tl.constexpr):
     r = tl.program_id(0) * TB + tl.arange(0, TB)
     i = tl.program_id(1) * BC + tl.arange(0, BC)
     j = tl.arange(0, BLOCK_V)
@@ -426,18 +426,15 @@ def _ec_fwd_kernel(E, WC, W, X, Y, n, T, d, K: tl.constexpr, dv: tl.constexpr, R
     x = acc.to(X.dtype.element_ty)
     offs = r.to(tl.int64)[:, None, None] * (d * dv) + (i[:, None] * dv + j[None, :])[None, :, :]
     tl.store(X + offs, x, mask=r_ok[:, None, None] & iw[None, :, :])
-    if READ:
-        wr = tl.load(W + i[:, None] * dv + j[None, :], mask=iw, other=0.0).to(tl.float32)
-        y = tl.sum(x.to(tl.float32) * wr[None, :, :], axis=2)
-        tl.store(Y + r.to(tl.int64)[:, None] * d + i[None, :], y.to(Y.dtype.element_ty),
-                 mask=r_ok[:, None] & i_ok[None, :])
+    wr = tl.load(W + i[:, None] * dv + j[None, :], mask=iw, other=0.0).to(tl.float32)
+    y = tl.sum(x.to(tl.float32) * wr[None, :, :], axis=2)
+    tl.store(Y + r.to(tl.int64)[:, None] * d + i[None, :], y.to(Y.dtype.element_ty), mask=r_ok[:, None] & i_ok[None, :])
 
 
 @triton.jit
-def _ec_bwd_kernel(GX, GY, E, WC, W, GE, GWP, CP, n, T, d, K: tl.constexpr, dv: tl.constexpr, READ: tl.constexpr,
-                   STEPS: tl.constexpr, TB: tl.constexpr, BC: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    # g = gX + gy W^T (READ), the whole gradient of X. With r' = r - s_q:
+def _ec_bwd_kernel(GX, GY, E, WC, W, GE, GWP, CP, n, T, d, K: tl.constexpr, dv: tl.constexpr, STEPS: tl.constexpr,
+                   TB: tl.constexpr, BC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # g = gX + gy W^T, the whole gradient of X. With r' = r - s_q:
     #   grad e[r', i]    = sum_q sum_j g[r' + s_q, i, j] w[i, j, q]
     #   grad w[i, j, q]  = sum_r' g[r' + s_q, i, j] e[r', i]
     #   C[i, q]          = sum_r' gy[r' + s_q, i] e[r', i]     (grad W[i, j] = sum_q w[i, j, q] C[i, q], by the caller)
@@ -450,10 +447,7 @@ def _ec_bwd_kernel(GX, GY, E, WC, W, GE, GWP, CP, n, T, d, K: tl.constexpr, dv: 
     i_ok, j_ok = i < d, j < dv
     iw = i_ok[:, None] & j_ok[None, :]
     tile = i[:, None] * dv + j[None, :]
-    if READ:  # noqa: SIM108 (a constexpr branch: each compiled kernel has one side)
-        wr = tl.load(W + tile, mask=iw, other=0.0).to(tl.float32)
-    else:
-        wr = tl.zeros((BC, BLOCK_V), dtype=tl.float32)
+    wr = tl.load(W + tile, mask=iw, other=0.0).to(tl.float32)
     gw = tl.zeros((BC, BLOCK_V, BLOCK_K), dtype=tl.float32)
     cq = tl.zeros((BC, BLOCK_K), dtype=tl.float32)
     for step in range(STEPS):
@@ -469,11 +463,9 @@ def _ec_bwd_kernel(GX, GY, E, WC, W, GE, GWP, CP, n, T, d, K: tl.constexpr, dv: 
             rs = (r + s).to(tl.int64)
             m3 = ok[:, None, None] & iw[None, :, :]
             g = tl.load(GX + rs[:, None, None] * (d * dv) + tile[None, :, :], mask=m3, other=0.0).to(tl.float32)
-            if READ:
-                gy = tl.load(GY + rs[:, None] * d + i[None, :], mask=ok[:, None] & i_ok[None, :],
-                             other=0.0).to(tl.float32)
-                g += gy[:, :, None] * wr[None, :, :]
-                cq += tl.sum(gy * e, axis=0)[:, None] * (kq == q)[None, :]
+            gy = tl.load(GY + rs[:, None] * d + i[None, :], mask=ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
+            g += gy[:, :, None] * wr[None, :, :]
+            cq += tl.sum(gy * e, axis=0)[:, None] * (kq == q)[None, :]
             w = tl.load(WC + tile * K + q, mask=iw, other=0.0).to(tl.float32)
             ge += tl.sum(g * w[None, :, :], axis=2)
             gw += tl.sum(g * e[:, :, None], axis=0)[:, :, None] * (kq == q)[None, None, :]
@@ -482,8 +474,7 @@ def _ec_bwd_kernel(GX, GY, E, WC, W, GE, GWP, CP, n, T, d, K: tl.constexpr, dv: 
     base = pt.to(tl.int64) * d
     tl.store(GWP + ((base + i[:, None, None]) * dv + j[None, :, None]) * K + kq[None, None, :], gw,
              mask=iw[:, :, None] & (kq < K)[None, None, :])
-    if READ:
-        tl.store(CP + (base + i[:, None]) * K + kq[None, :], cq, mask=i_ok[:, None] & (kq < K)[None, :])
+    tl.store(CP + (base + i[:, None]) * K + kq[None, :], cq, mask=i_ok[:, None] & (kq < K)[None, :])
 
 
 EC_LAUNCH = (16, 64, 4, 16)
@@ -495,35 +486,29 @@ def _ec_shape(e: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int, int
     return B * T, T, d, w.shape[1], w.shape[2]
 
 
-def ec_forward(e: torch.Tensor, w: torch.Tensor, W: torch.Tensor | None,
-               launch: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """e (B, T, d) and w (d, d_v, K), contiguous -> X (B, T, d, d_v) in e's dtype, and with W (d, d_v) the
-    readout y (B, T, d) = sum_j W[:, j] X[..., j] (else None)."""
+def ec_forward(e: torch.Tensor, w: torch.Tensor, W: torch.Tensor,
+               launch: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """e (B, T, d), w (d, d_v, K) and W (d, d_v), contiguous -> X (B, T, d, d_v) in e's dtype and its readout
+    y (B, T, d) = sum_j W[:, j] X[..., j]."""
     n, T, d, dv, K = _ec_shape(e, w)
     tb, bc, warps, _ = launch or EC_LAUNCH
-    X = torch.empty(*e.shape, dv, dtype=e.dtype, device=e.device)
-    y = None if W is None else torch.empty_like(e)
+    X, y = torch.empty(*e.shape, dv, dtype=e.dtype, device=e.device), torch.empty_like(e)
     wrap_triton(_ec_fwd_kernel)[(triton.cdiv(n, tb), triton.cdiv(d, bc))](
-        e, w, w if W is None else W, X, X if y is None else y, n, T, d, K=K, dv=dv, READ=W is not None, TB=tb,
-        BC=bc, BLOCK_V=triton.next_power_of_2(dv), num_warps=warps)
+        e, w, W, X, y, n, T, d, K=K, dv=dv, TB=tb, BC=bc, BLOCK_V=triton.next_power_of_2(dv), num_warps=warps)
     return X, y
 
 
-def ec_backward(gX: torch.Tensor, gy: torch.Tensor | None, e: torch.Tensor, w: torch.Tensor, W: torch.Tensor | None,
-                launch: tuple[int, int, int, int] | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """gX (B, T, d, d_v), gy (B, T, d) or None, contiguous -> (grad e in e's dtype, grad w (d, d_v, K) fp32, and
-    with W grad W (d, d_v) fp32, else None)."""
+def ec_backward(gX: torch.Tensor, gy: torch.Tensor, e: torch.Tensor, w: torch.Tensor, W: torch.Tensor,
+                launch: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gX (B, T, d, d_v) and gy (B, T, d), contiguous -> (grad e in e's dtype, grad w (d, d_v, K) and grad W
+    (d, d_v), fp32)."""
     n, T, d, dv, K = _ec_shape(e, w)
     tb, bc, warps, steps = launch or EC_LAUNCH
     programs = triton.cdiv(n, tb * steps)
     ge = torch.empty_like(e)
     gwp = torch.empty(programs, d, dv, K, dtype=torch.float32, device=e.device)
-    cp = torch.empty(programs, d, K, dtype=torch.float32, device=e.device) if W is not None else gwp
-    read = W is not None
+    cp = torch.empty(programs, d, K, dtype=torch.float32, device=e.device)
     wrap_triton(_ec_bwd_kernel)[(programs, triton.cdiv(d, bc))](
-        gX, gy if read else gX, e, w, W if read else w, ge, gwp, cp, n, T, d, K=K, dv=dv, READ=read, STEPS=steps,
-        TB=tb, BC=bc, BLOCK_V=triton.next_power_of_2(dv), BLOCK_K=triton.next_power_of_2(K), num_warps=warps)
-    gw = gwp.sum(0)
-    gW = (w.float() * cp.sum(0)[:, None, :]).sum(-1) if read else None
-    return ge, gw, gW
+        gX, gy, e, w, W, ge, gwp, cp, n, T, d, K=K, dv=dv, STEPS=steps, TB=tb, BC=bc,
+        BLOCK_V=triton.next_power_of_2(dv), BLOCK_K=triton.next_power_of_2(K), num_warps=warps)
+    return ge, gwp.sum(0), (w.float() * cp.sum(0)[:, None, :]).sum(-1)

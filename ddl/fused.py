@@ -289,13 +289,18 @@ def supported_expand(e: Tensor) -> bool:
     return e.is_cuda and HAS_TRITON
 
 
-def expand_read_reference(e: Tensor, w: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
-    """The unfused path: ``ECExpander``'s causal conv as K shifted products in fp32, rounded to e's dtype, then
-    ``CCCompressor``'s readout of the result by W (as compiled: one rounding). e (B, T, d), w (d, d_v, K) with
-    w[..., K - 1] the current token's tap, W (d, d_v) -> (X (B, T, d, d_v), y (B, T, d))."""
+def shifted_sum(e: Tensor, w: Tensor) -> Tensor:
+    """``ECExpander``'s causal conv as K shifted products in fp32, rounded to e's dtype: e (B, T, d), w (d, d_v, K)
+    with w[..., K - 1] the current token's tap -> X (B, T, d, d_v)."""
     T, K = e.shape[1], w.shape[2]
     ep = torch.nn.functional.pad(e.float(), (0, 0, K - 1, 0))  # zeros before each sequence's start
-    X = sum(ep[:, q:q + T, :, None] * w.float()[:, :, q] for q in range(K)).to(e.dtype)
+    return sum(ep[:, q:q + T, :, None] * w.float()[:, :, q] for q in range(K)).to(e.dtype)
+
+
+def expand_read_reference(e: Tensor, w: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """The unfused path: :func:`shifted_sum`, then ``CCCompressor``'s readout of the result by W (d, d_v), as
+    compiled (one rounding) -> (X (B, T, d, d_v), y (B, T, d))."""
+    X = shifted_sum(e, w)
     return X, (X.float() * W.float()).sum(-1).to(e.dtype)
 
 
@@ -315,8 +320,7 @@ def _op_expand(e: Tensor, w: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
         return X.contiguous(), y.contiguous()
     from ddl import _fused_kernels
 
-    X, y = _fused_kernels.ec_forward(e.contiguous(), w.contiguous(), W.contiguous())
-    return X, y
+    return _fused_kernels.ec_forward(e.contiguous(), w.contiguous(), W.contiguous())
 
 
 @_op_def("deltascope::expand_read_backward")

@@ -63,23 +63,22 @@ class ECExpander(nn.Module):
                 and not (self._forward_hooks or self._forward_pre_hooks or read._forward_hooks
                          or read._forward_pre_hooks)):
             return None
-        d = e.shape[-1]
+        e, w = self._taps(e)
+        return fused.expand_read(e, w, read.w_eff().to(e.dtype))
+
+    def _taps(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """e and the weight as (d, d_v, K), both in autocast's dtype (e's outside autocast), as the conv takes them."""
         dtype = torch.get_autocast_dtype(e.device.type) if torch.is_autocast_enabled(e.device.type) else e.dtype
-        return fused.expand_read(e.to(dtype), self.weight.to(dtype).view(d, self.d_v, self.K),
-                                 read.w_eff().to(dtype))
+        return e.to(dtype), self.weight.to(dtype).view(e.shape[-1], self.d_v, self.K)
 
     def _shifted_sum(self, e: torch.Tensor) -> torch.Tensor:
-        """The conv as K shifted products, for inductor: one kernel writes the state token-major.
+        """The conv as K shifted products (``ddl.fused.shifted_sum``), for inductor: one kernel writes the state
+        token-major.
 
         The conv's output is channel-major, (B, d * d_v, T); its transpose reaches every consumer as a
         strided view, and the fused update copies it to token rows forward and backward. The inputs
         round to autocast's dtype and the result to it, as the conv does under autocast."""
-        B, T, d = e.shape
-        dtype = torch.get_autocast_dtype(e.device.type) if torch.is_autocast_enabled(e.device.type) else e.dtype
-        w = self.weight.to(dtype).float().view(d, self.d_v, self.K)
-        ep = F.pad(e.to(dtype).float(), (0, 0, self.K - 1, 0))  # (B, K-1+T, d), zeros before the start
-        X = sum(ep[:, q:q + T, :, None] * w[:, :, q] for q in range(self.K))
-        return X.to(dtype)  # (B, T, d, d_v)
+        return fused.shifted_sum(*self._taps(e))  # (B, T, d, d_v)
 
 
 class CCCompressor(nn.Module):

@@ -635,23 +635,28 @@ def test_folded_launch_shapes_give_the_default_result(launch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.kernels
-@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
-def test_kernel_benchmark_runs_under_the_interpreter(tmp_path):
-    """bench/fused_kernels.py end to end on a tiny shape: every launch it sweeps runs and is recorded."""
+def run_bench(tmp_path, script: str, *args: str):
+    """bench/<script> run as a newcomer would, its JSON lines written under tmp_path -> (the run, its rows)."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    out = tmp_path / "k.jsonl"
-    res = subprocess.run([sys.executable, str(root / "bench" / "fused_kernels.py"), "--tokens", "8", "--d", "16",
-                          "--iters", "1", "--json", str(out)], capture_output=True, text=True, timeout=600,
+    out = tmp_path / "bench.jsonl"
+    res = subprocess.run([sys.executable, str(root / "bench" / script), *args, "--iters", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root),
                                                                                         os.environ.get("PYTHONPATH")]))})
     assert res.returncode == 0, res.stderr[-2000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return res, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+@pytest.mark.kernels
+@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
+def test_kernel_benchmark_runs_under_the_interpreter(tmp_path):
+    """bench/fused_kernels.py end to end on a tiny shape: every launch it sweeps runs and is recorded."""
+    res, rows = run_bench(tmp_path, "fused_kernels.py", "--tokens", "8", "--d", "16")
     assert {(r["d_v"], r["read"]) for r in rows} == {(1, False), (4, False), (4, True)}
     assert all(r["fwd_us"] > 0 and r["bwd_us"] > 0 and r["fwd_mb"] > 0 for r in rows)
     assert "d_v  kernels launch" in res.stdout
@@ -982,18 +987,6 @@ def test_cuda_compiled_model_launches_the_expansion_kernels():
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
 def test_expansion_kernel_benchmark_runs_under_the_interpreter(tmp_path):
     """bench/ec_kernels.py end to end on a tiny shape: every launch it sweeps runs and is recorded."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    out = tmp_path / "ec.jsonl"
-    res = subprocess.run([sys.executable, str(root / "bench" / "ec_kernels.py"), "--tokens", "32", "--seq", "16",
-                          "--d", "16", "--iters", "1", "--json", str(out)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root),
-                                                                                        os.environ.get("PYTHONPATH")]))})
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    res, rows = run_bench(tmp_path, "ec_kernels.py", "--tokens", "32", "--seq", "16", "--d", "16")
     assert len(rows) >= 8 and all(r["fwd_us"] > 0 and r["bwd_us"] > 0 and r["fwd_mb"] > 0 for r in rows)
     assert "fwd us" in res.stdout
