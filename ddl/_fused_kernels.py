@@ -477,8 +477,13 @@ def _ec_bwd_kernel(GX, GY, E, WC, W, GE, GWP, CP, n, T, d, K: tl.constexpr, dv: 
     tl.store(CP + (base + i[:, None]) * K + kq[None, :], cq, mask=i_ok[:, None] & (kq < K)[None, :])
 
 
-EC_LAUNCH = (16, 64, 4, 16)
-"""(tokens a block, rows of d a block, warps, token blocks a backward program) of the EC kernels."""
+EC_LAUNCH = (16, 32, 2, 4)
+"""(tokens a block, rows of d a block, warps, token blocks a backward program) of the EC kernels. From
+``bench/ec_kernels.py``'s sweep on an H100 (16384 tokens, d = 768, d_v = 4; the same figures in two sessions):
+177 us forward and 551 us backward, against 174 and 601 us for (16, 64, 4, 16), the first default; the best
+forward alone, (8, 128, 4, 2), 158 us, takes 658 us backward. Both kernels stay far above their bytes (0.9 and
+0.3 TB/s). A second version on 2-D tiles of the flattened state, each thread summing over tokens, was slower
+still: 217-657 us forward and 343-8424 us backward (docs/bench/ec-kernels-v2-h100-2026-12-06.jsonl)."""
 
 
 def _ec_shape(e: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int, int]:
