@@ -27,15 +27,21 @@ class RMSNorm(nn.Module):
 
 
 class _NarrowProduct(torch.autograd.Function):
-    """y[..., o] = sum_n x[..., n] w[o, n] in fp32, written as products and sums (inductor fuses them into the kernel
-    that makes x), with w's gradient as one matmul over the tokens, G^T x in x's dtype (a cuBLAS launch reading x
+    """y[..., o] = sum_n x[..., n] w[o, n] in fp32, written as a product and a sum that inductor compiles into a
+    reduction, with w's gradient as one matmul over the tokens, G^T x in x's dtype (a cuBLAS launch reading x
     once) rather than a column sum per output, which inductor writes as a partial sum into a (1024, n) workspace
-    finished by another launch for each."""
+    finished by another launch for each.
+
+    The sum is one reduction over a (..., o, n) product, not a stack of one sum per output. Stacked, rows o > 0 of
+    w are read at an offset, which inductor does not count as contiguous: the kernel around the sums (a d_v = 4
+    model's RMSNorm, gate and value head, one kernel a site) lost its inner-reduction hint and was looped, x read
+    twice, 62 us a site on an H100. As one reduction, the value head is a kernel of its own (x read once more) and
+    the norm and gate one persistent reduction: the small preset's d_v = 4 step 0.46 ms faster
+    (docs/PERFORMANCE.md, the nineteenth session). A gate's single output (o = 1) stays inside the norm's kernel."""
 
     @staticmethod
     def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        x32, w32 = x.float(), w.float()
-        return torch.stack([(x32 * w32[o]).sum(-1) for o in range(w.shape[0])], -1)
+        return (x.float().unsqueeze(-2) * w.float()).sum(-1)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

@@ -68,3 +68,20 @@ def test_census_with_a_probe_shows_its_statistics_in_the_forward(tmp_path):
     assert probed["forward"]["launches"] > bare["forward"]["launches"]
     assert [n for k, n, _ in probed["forward"]["kernels"] if k == "_fwd_chunk_kernel"] == [8]  # the kernel kept
     assert probed["backward"]["launches"] == bare["backward"]["launches"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the census needs triton importable (nothing is compiled)")
+def test_census_norms_are_persistent_reductions_at_d_768(tmp_path):
+    """Small preset (d = 768), d_v = 4: every forward kernel that normalises (an rsqrt in its name) is one persistent
+    reduction, x read once. A value head whose rows o > 0 are read at an offset of w turned a site's norm-and-heads
+    kernel into a looped one, x read twice (``ddl.layers._NarrowProduct``). Neither the tiny preset (d = 128) nor
+    64 tokens shows it: inductor's heuristics there choose persistent reductions anyway."""
+    out = tmp_path / "census.jsonl"
+    res = census("--preset", "small", "--seq", "1024", "--variants", "ddl_dv4_fused", "--json", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    kernels = json.loads(out.read_text())["forward"]["kernels"]
+    norms = {k: n for k, n, _ in kernels if "rsqrt" in k}
+    assert sum(norms.values()) >= 2 * 12, kernels  # at least the two norms of each block
+    assert all(k.startswith("triton_per_") for k in norms), norms
+    gated = [n for k, n in norms.items() if "sigmoid" in k]  # the norm and the gate's logit in one kernel a site
+    assert gated == [24], norms
