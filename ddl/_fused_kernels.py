@@ -278,7 +278,10 @@ blocks across tokens, with grad W in registers and k^T g from a first kernel (th
 288-774 us. The two passes over 2 to 16 tokens a program, their share of grad W summed a row block at a time
 into a partial a program and the update's result recomputed (the seventeenth session, constant d_v, kernels
 timed as CUDA graphs): at best 219 us (4 tokens, 256 rows, 4 warps) against 141 + 46 us for this kernel and
-the reduction beside it, and the step 0.8 ms slower."""
+the reduction beside it, and the step 0.8 ms slower. Nor does a kernel of its own beat inductor's reduction (the
+nineteenth session): 2-D tiles of the flattened state, each program summing its tokens in registers into a
+partial, took 63-240 us over ten launches against inductor's 47 us
+(docs/bench/wgrad-kernel-h100-2026-12-06.jsonl)."""
 
 
 def _launch(d: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
