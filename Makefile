@@ -40,12 +40,13 @@ test: setup system-deps
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup
 	$(MAKE) --no-print-directory test-kernels
 
-# the Triton kernels against their torch and float64 references on CPU tensors, under Triton's interpreter;
-# the import check fails the pass where triton is missing, instead of letting every test skip
+# the Triton kernels against their torch and float64 references on CPU tensors, under Triton's interpreter, and the
+# kernel census (inductor's code for a compiled step, needing triton importable); the import check fails the pass
+# where triton is missing, instead of letting every test skip
 test-kernels: $(KSTAMP)
 	PYTHONPATH=$(KERNELS) $(PY) -c "import triton"
 	PYTHONPATH=$(KERNELS) TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 -m kernels \
-		tests/ddl/test_fused.py tests/probes/test_stats_kernels.py
+		tests/ddl/test_fused.py tests/probes/test_stats_kernels.py tests/ddl/test_kernel_census.py
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow"

@@ -28,6 +28,7 @@ def test_without_triton_it_says_what_to_install():
     assert "needs triton importable" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.kernels  # make test-kernels: the pass with triton importable
 @pytest.mark.skipif(not HAS_TRITON, reason="the census needs triton importable (nothing is compiled)")
 def test_census_counts_what_the_fold_removes(tmp_path):
     """Tiny preset, three variants: both graphs found, every Triton launch given bytes, and the fold
@@ -55,6 +56,7 @@ def test_census_counts_what_the_fold_removes(tmp_path):
     assert "fwd launches" in res.stdout
 
 
+@pytest.mark.kernels  # make test-kernels: the pass with triton importable
 @pytest.mark.skipif(not HAS_TRITON, reason="the census needs triton importable (nothing is compiled)")
 def test_census_with_a_probe_shows_its_statistics_in_the_forward(tmp_path):
     """--probe: a collecting probe's statistics compile into the forward graph (more launches, the fused kernel
@@ -70,6 +72,7 @@ def test_census_with_a_probe_shows_its_statistics_in_the_forward(tmp_path):
     assert probed["backward"]["launches"] == bare["backward"]["launches"]
 
 
+@pytest.mark.kernels  # make test-kernels: the pass with triton importable
 @pytest.mark.skipif(not HAS_TRITON, reason="the census needs triton importable (nothing is compiled)")
 def test_census_norms_are_persistent_reductions_at_d_768(tmp_path):
     """Small preset (d = 768), d_v = 4: every forward kernel that normalises (an rsqrt in its name) is one persistent
