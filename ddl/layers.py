@@ -26,6 +26,12 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
+def _narrow_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., n) times w (o, n)^T in fp32 as one reduction over a (..., o, n) product (``_NarrowProduct`` says why
+    not a stack of sums)."""
+    return (x.float().unsqueeze(-2) * w.float()).sum(-1)
+
+
 class _NarrowProduct(torch.autograd.Function):
     """y[..., o] = sum_n x[..., n] w[o, n] in fp32, written as a product and a sum that inductor compiles into a
     reduction, with w's gradient as one matmul over the tokens, G^T x in x's dtype (a cuBLAS launch reading x
@@ -41,7 +47,7 @@ class _NarrowProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return (x.float().unsqueeze(-2) * w.float()).sum(-1)
+        return _narrow_product(x, w)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -77,14 +83,8 @@ class NarrowLinear(nn.Linear):
         if not torch.compiler.is_compiling():
             return super().forward(x)
         mm = self.mm_grad if self.MM_WEIGHT_GRAD is None else self.MM_WEIGHT_GRAD
-        if mm and self.out_features <= 8:
-            y = _NarrowProduct.apply(x, self.weight)
-        else:
-            x, w = x.float(), self.weight.float()
-            if self.out_features <= 8:  # one read of each input row feeds every output's reduction
-                y = torch.stack([(x * w[o]).sum(-1) for o in range(self.out_features)], -1)
-            else:
-                y = (x.unsqueeze(-2) * w).sum(-1)
+        # mm: w's gradient one matmul; else autograd's column sums
+        y = _NarrowProduct.apply(x, self.weight) if mm and self.out_features <= 8 else _narrow_product(x, self.weight)
         return y if self.bias is None else y + self.bias.float()
 
 
