@@ -25,7 +25,7 @@ from torch import nn
 from ddl import fused
 from ddl.config import DDLConfig
 from ddl.layers import NarrowLinear
-from ddl.state import CCCompressor
+from ddl.state import CCCompressor, hooked
 
 OBSERVER = "deltascope_observer"
 
@@ -185,7 +185,7 @@ class DeltaResidual(nn.Module):
         which are called here as the unfused modules would call them. Whatever another hook would see
         runs unfused, as ever."""
         if not (fused.fold_readout() and self.d_v > 1 and self.geometry == "k_map" and isinstance(read, CCCompressor)
-                and self._fuse(X, h) and _observed(self) and not (read._forward_hooks or read._forward_pre_hooks)):
+                and self._fuse(X, h) and _observed(self) and not hooked(read)):
             return None
         v, beta = self._value(c, u), self.beta_gate(c)
         out, y, rnorm, p = fused.delta_update_read(X, h, v, beta, read.w_eff(), self.k_dir.eps, taps=True)

@@ -27,6 +27,12 @@ class Repeat(nn.Module):
         return e.unsqueeze(-1).expand(*e.shape, self.d_v)  # (B, T, d, d_v)
 
 
+def hooked(*modules: nn.Module) -> bool:
+    """Whether any of ``modules`` has a forward hook or pre-hook: a fused path that would skip its forward stays
+    off then, so that the hook sees the module run."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class ECExpander(nn.Module):
     """X_0[t, i, j] = sum_s u[(i, j), K-1-s] e[t-s, i], zeros before the sequence start."""
 
@@ -60,8 +66,7 @@ class ECExpander(nn.Module):
         it, inductor's kernels for the shifted sum, the readout and their backward took about 1.5 ms of a
         d_v = 4 step on an H100 (the small preset, docs/PERFORMANCE.md), several times what their bytes need."""
         if not (self.fused and fused.fold_readout() and isinstance(read, CCCompressor) and fused.supported_expand(e)
-                and not (self._forward_hooks or self._forward_pre_hooks or read._forward_hooks
-                         or read._forward_pre_hooks)):
+                and not hooked(self, read)):
             return None
         e, w = self._taps(e)
         return fused.expand_read(e, w, read.w_eff().to(e.dtype))
