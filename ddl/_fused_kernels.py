@@ -295,16 +295,17 @@ def _launch(d: int, launch: tuple[int, int] | None = None) -> tuple[int, int, in
     return rows, block_d, min(max(rows * block_d // 512, 1), 16)
 
 
-def _chunk_launch(d: int, dv: int, launch: tuple | None) -> tuple[int, int, int] | None:
-    """d_v > 1: (BLOCK_C, BLOCK_V, num_warps) of the two-pass kernels, or None where ``launch`` = (tokens a
-    program, warps[, registers]) asks for the one-tile kernels; ``("chunk", rows, warps)`` sets the rows of
-    d a pass."""
+def _chunk_launch(d: int, dv: int, launch: tuple | None) -> tuple[int, int, dict] | None:
+    """d_v > 1: (BLOCK_C, BLOCK_V, launch options) of the two-pass kernels, or None where ``launch`` = (tokens a
+    program, warps[, registers]) asks for the one-tile kernels; ``("chunk", rows, warps[, stages])`` sets the rows
+    of d a pass (and Triton's ``num_stages``)."""
     block_v = triton.next_power_of_2(dv)
     if launch is None:
-        elements, warps = CHUNK_LAUNCH
-        return min(max(1, elements // block_v), triton.next_power_of_2(d)), block_v, warps
+        elements, warps, *stages = CHUNK_LAUNCH
+        options = {"num_warps": warps, **({"num_stages": stages[0]} if stages else {})}
+        return min(max(1, elements // block_v), triton.next_power_of_2(d)), block_v, options
     if launch[0] == "chunk":
-        return launch[1], block_v, launch[2]
+        return launch[1], block_v, {"num_warps": launch[2], **({"num_stages": launch[3]} if len(launch) > 3 else {})}
     return None
 
 
@@ -368,9 +369,9 @@ def _forward(X, h, v, beta, eps, W, launch):
         wrap_triton(_fwd_kernel)[(triton.cdiv(n, rows),)](X, h, v, beta, out, rnorm, p, n, d, eps * eps, ROWS=rows,
                                                           BLOCK_D=block_d, num_warps=num_warps)
     elif (chunk := _chunk_launch(d, dv, launch)) is not None:
-        block_c, block_v, num_warps = chunk
+        block_c, block_v, options = chunk
         wrap_triton(_fwd_chunk_kernel)[(n,)](X, h, v, beta, W, out, Y, rnorm, p, d, dv, eps * eps, READ=read,
-                                             BLOCK_C=block_c, BLOCK_V=block_v, num_warps=num_warps)
+                                             BLOCK_C=block_c, BLOCK_V=block_v, **options)
     else:
         programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch)
         wrap_triton(_fwd_tile_kernel)[(programs,)](X, h, v, beta, W, out, Y, rnorm, p, n, d, dv, eps * eps,
@@ -392,9 +393,9 @@ def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
         return gX, gh, gv, gbeta
     read, gy, W = W is not None, g if gy is None else gy, X if W is None else W
     if (chunk := _chunk_launch(d, dv, launch)) is not None:
-        block_c, block_v, num_warps = chunk
+        block_c, block_v, options = chunk
         wrap_triton(_bwd_chunk_kernel)[(n,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, d, dv,
-                                             READ=read, BLOCK_C=block_c, BLOCK_V=block_v, num_warps=num_warps)
+                                             READ=read, BLOCK_C=block_c, BLOCK_V=block_v, **options)
     else:
         programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch)
         wrap_triton(_bwd_tile_kernel)[(programs,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, n, d,
@@ -405,31 +406,36 @@ def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
 
 # -- EC expansion with the first CC readout folded in (d_v > 1) -----------------------------------------
 # X[r, i, j] = sum_q w[i, j, q] e[r - s_q, i], s_q = K - 1 - q, zeros before the start of r's sequence (T tokens a
-# sequence, rows r = b T + t); y[r, i] = sum_j W[i, j] X[r, i, j]. A program owns TB tokens and BC rows of d; nothing
-# couples rows of d, so the backward's sums over tokens (grad w, and C below for grad W) run in registers over a
-# program's STEPS token blocks, one partial a program, which a small sum finishes.
+# sequence, rows r = b T + t); y[r, i] = sum_j W[i, j] X[r, i, j]. A program owns TB tokens and BC rows of d, its tiles
+# (BLOCK_K, TB, BC, BLOCK_V) with the taps as a dimension: the sums over taps, d_v and a block's tokens are reductions
+# over tile dimensions, which Triton can keep in a thread's registers while it spreads the rows of d over the threads,
+# and the partials accumulate in the layout those sums leave (the kernels before looped over the taps, adding each
+# tap's sum over tokens into a (rows, d_v, taps) partial through a select, and were 2-3x slower). Nothing couples rows
+# of d, so the backward's sums over tokens (grad w, and C below for grad W) run over a program's STEPS token blocks
+# into one partial a program, which a small sum finishes.
 
 
 @triton.jit
 def _ec_fwd_kernel(E, WC, W, X, Y, n, T, d, K: tl.constexpr, dv: tl.constexpr, TB: tl.constexpr, BC: tl.constexpr,
-                   BLOCK_V: tl.constexpr):
+                   BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     r = tl.program_id(0) * TB + tl.arange(0, TB)
     i = tl.program_id(1) * BC + tl.arange(0, BC)
     j = tl.arange(0, BLOCK_V)
-    r_ok, i_ok, j_ok = r < n, i < d, j < dv
+    kq = tl.arange(0, BLOCK_K)
+    r_ok, i_ok, j_ok, k_ok = r < n, i < d, j < dv, kq < K
     t = r % T
+    s = K - 1 - kq  # each tap's lag
+    tile = i[:, None] * dv + j[None, :]
     iw = i_ok[:, None] & j_ok[None, :]
-    acc = tl.zeros((TB, BC, BLOCK_V), dtype=tl.float32)
-    for q in tl.static_range(K):
-        ok = r_ok & (t >= K - 1 - q)  # the tap's token inside r's sequence
-        e = tl.load(E + (r - (K - 1 - q)).to(tl.int64)[:, None] * d + i[None, :], mask=ok[:, None] & i_ok[None, :],
-                    other=0.0).to(tl.float32)
-        w = tl.load(WC + (i[:, None] * dv + j[None, :]) * K + q, mask=iw, other=0.0).to(tl.float32)
-        acc += e[:, :, None] * w[None, :, :]
-    x = acc.to(X.dtype.element_ty)
-    offs = r.to(tl.int64)[:, None, None] * (d * dv) + (i[:, None] * dv + j[None, :])[None, :, :]
+    ok = k_ok[:, None] & r_ok[None, :] & (t[None, :] >= s[:, None])  # (BK, TB): the tap's token in r's sequence
+    e = tl.load(E + (r[None, :] - s[:, None]).to(tl.int64)[:, :, None] * d + i[None, None, :],
+                mask=ok[:, :, None] & i_ok[None, None, :], other=0.0).to(tl.float32)  # (BK, TB, BC)
+    wc = tl.load(WC + tile[None, :, :] * K + kq[:, None, None], mask=k_ok[:, None, None] & iw[None, :, :],
+                 other=0.0).to(tl.float32)  # (BK, BC, BV)
+    x = tl.sum(e[:, :, :, None] * wc[:, None, :, :], axis=0).to(X.dtype.element_ty)  # (TB, BC, BV)
+    offs = r.to(tl.int64)[:, None, None] * (d * dv) + tile[None, :, :]
     tl.store(X + offs, x, mask=r_ok[:, None, None] & iw[None, :, :])
-    wr = tl.load(W + i[:, None] * dv + j[None, :], mask=iw, other=0.0).to(tl.float32)
+    wr = tl.load(W + tile, mask=iw, other=0.0).to(tl.float32)
     y = tl.sum(x.to(tl.float32) * wr[None, :, :], axis=2)
     tl.store(Y + r.to(tl.int64)[:, None] * d + i[None, :], y.to(Y.dtype.element_ty), mask=r_ok[:, None] & i_ok[None, :])
 
@@ -442,51 +448,56 @@ def _ec_bwd_kernel(GX, GY, E, WC, W, GE, GWP, CP, n, T, d, K: tl.constexpr, dv: 
     #   grad w[i, j, q]  = sum_r' g[r' + s_q, i, j] e[r', i]
     #   C[i, q]          = sum_r' gy[r' + s_q, i] e[r', i]     (grad W[i, j] = sum_q w[i, j, q] C[i, q], by the caller)
     # each over the r' whose r' + s_q lies in the same sequence. Partials: GWP (programs along tokens, d, dv, K),
-    # CP (programs along tokens, d, K), fp32.
+    # CP (programs along tokens, d, K), fp32, accumulated in the layout the sums over tokens leave them in.
     pt = tl.program_id(0)
     i = tl.program_id(1) * BC + tl.arange(0, BC)
     j = tl.arange(0, BLOCK_V)
     kq = tl.arange(0, BLOCK_K)
-    i_ok, j_ok = i < d, j < dv
-    iw = i_ok[:, None] & j_ok[None, :]
+    i_ok, j_ok, k_ok = i < d, j < dv, kq < K
+    s = K - 1 - kq
     tile = i[:, None] * dv + j[None, :]
+    iw = i_ok[:, None] & j_ok[None, :]
     wr = tl.load(W + tile, mask=iw, other=0.0).to(tl.float32)
-    gw = tl.zeros((BC, BLOCK_V, BLOCK_K), dtype=tl.float32)
-    cq = tl.zeros((BC, BLOCK_K), dtype=tl.float32)
+    wc = tl.load(WC + tile[None, :, :] * K + kq[:, None, None], mask=k_ok[:, None, None] & iw[None, :, :],
+                 other=0.0).to(tl.float32)  # (BK, BC, BV)
+    gw = tl.zeros((BLOCK_K, BC, BLOCK_V), dtype=tl.float32)
+    cq = tl.zeros((BLOCK_K, BC), dtype=tl.float32)
     for step in range(STEPS):
         r = (pt * STEPS + step) * TB + tl.arange(0, TB)
         r_ok = r < n
         t = r % T
+        ok = k_ok[:, None] & r_ok[None, :] & (t[None, :] + s[:, None] < T)  # (BK, TB): r + s in r's sequence
+        rs = (r[None, :] + s[:, None]).to(tl.int64)
+        g = tl.load(GX + rs[:, :, None, None] * (d * dv) + tile[None, None, :, :],
+                    mask=ok[:, :, None, None] & iw[None, None, :, :], other=0.0).to(tl.float32)  # (BK, TB, BC, BV)
+        gy = tl.load(GY + rs[:, :, None] * d + i[None, None, :], mask=ok[:, :, None] & i_ok[None, None, :],
+                     other=0.0).to(tl.float32)  # (BK, TB, BC)
         e = tl.load(E + r.to(tl.int64)[:, None] * d + i[None, :], mask=r_ok[:, None] & i_ok[None, :],
-                    other=0.0).to(tl.float32)
-        ge = tl.zeros((TB, BC), dtype=tl.float32)
-        for q in tl.static_range(K):
-            s = K - 1 - q
-            ok = r_ok & (t + s < T)  # r + s in r's sequence (and so below n)
-            rs = (r + s).to(tl.int64)
-            m3 = ok[:, None, None] & iw[None, :, :]
-            g = tl.load(GX + rs[:, None, None] * (d * dv) + tile[None, :, :], mask=m3, other=0.0).to(tl.float32)
-            gy = tl.load(GY + rs[:, None] * d + i[None, :], mask=ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)
-            g += gy[:, :, None] * wr[None, :, :]
-            cq += tl.sum(gy * e, axis=0)[:, None] * (kq == q)[None, :]
-            w = tl.load(WC + tile * K + q, mask=iw, other=0.0).to(tl.float32)
-            ge += tl.sum(g * w[None, :, :], axis=2)
-            gw += tl.sum(g * e[:, :, None], axis=0)[:, :, None] * (kq == q)[None, None, :]
+                    other=0.0).to(tl.float32)  # (TB, BC)
+        g += gy[:, :, :, None] * wr[None, None, :, :]
+        ge = tl.sum(tl.sum(g * wc[:, None, :, :], axis=3), axis=0)  # (TB, BC)
         tl.store(GE + r.to(tl.int64)[:, None] * d + i[None, :], ge.to(GE.dtype.element_ty),
                  mask=r_ok[:, None] & i_ok[None, :])
+        gw += tl.sum(g * e[None, :, :, None], axis=1)
+        cq += tl.sum(gy * e[None, :, :], axis=1)
     base = pt.to(tl.int64) * d
-    tl.store(GWP + ((base + i[:, None, None]) * dv + j[None, :, None]) * K + kq[None, None, :], gw,
-             mask=iw[:, :, None] & (kq < K)[None, None, :])
-    tl.store(CP + (base + i[:, None]) * K + kq[None, :], cq, mask=i_ok[:, None] & (kq < K)[None, :])
+    tl.store(GWP + ((base + i[None, :, None]) * dv + j[None, None, :]) * K + kq[:, None, None], gw,
+             mask=k_ok[:, None, None] & iw[None, :, :])
+    tl.store(CP + (base + i[None, :]) * K + kq[:, None], cq, mask=k_ok[:, None] & i_ok[None, :])
 
 
-EC_LAUNCH = (16, 32, 2, 4)
-"""(tokens a block, rows of d a block, warps, token blocks a backward program) of the EC kernels. From
-``bench/ec_kernels.py``'s sweep on an H100 (16384 tokens, d = 768, d_v = 4; the same figures in two sessions):
-177 us forward and 551 us backward, against 174 and 601 us for (16, 64, 4, 16), the first default; the best
-forward alone, (8, 128, 4, 2), 158 us, takes 658 us backward. Both kernels stay far above their bytes (0.9 and
-0.3 TB/s). A second version on 2-D tiles of the flattened state, each thread summing over tokens, was slower
-still: 217-657 us forward and 343-8424 us backward (docs/bench/ec-kernels-v2-h100-2026-12-06.jsonl)."""
+EC_FWD_LAUNCH = (4, 128, 4)
+"""(tokens a program, rows of d a program, warps) of ``_ec_fwd_kernel``. From ``bench/ec_kernels.py``'s sweep on an H100
+(16384 tokens, d = 768, d_v = 4, K = 4; the twentieth session, docs/bench/ec-kernels-v3-h100-2026-12-07.jsonl): 94 us,
+1.6 TB/s, against 96-176 us for the other launches swept, and against 158-177 us for the kernel before, which
+summed the taps one at a time over a (tokens, rows, d_v) tile (docs/bench/ec-kernels-v1-h100-2026-12-06b.jsonl)."""
+
+EC_BWD_LAUNCH = (1, 64, 2, 64)
+"""(tokens a block, rows of d a program, warps, token blocks a program) of ``_ec_bwd_kernel``. From the same sweep:
+267 us (0.66 TB/s, the partials included), against 272-947 us for the other launches swept. The kernel before
+(the taps one at a time, each sum over a block's tokens leaving the threads' registers) took 551-816 us over ten
+launches; a version on 2-D tiles of the flattened state 343-8424 us (docs/bench/ec-kernels-v2-h100-2026-12-06.jsonl);
+the PyTorch formulas compiled by inductor, 947 us, and the step 0.8 ms slower."""
 
 
 def _ec_shape(e: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -495,23 +506,24 @@ def _ec_shape(e: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int, int
 
 
 def ec_forward(e: torch.Tensor, w: torch.Tensor, W: torch.Tensor,
-               launch: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               launch: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """e (B, T, d), w (d, d_v, K) and W (d, d_v), contiguous -> X (B, T, d, d_v) in e's dtype and its readout
-    y (B, T, d) = sum_j W[:, j] X[..., j]."""
+    y (B, T, d) = sum_j W[:, j] X[..., j]. ``launch``: ``EC_FWD_LAUNCH``'s, for the sweep."""
     n, T, d, dv, K = _ec_shape(e, w)
-    tb, bc, warps, _ = launch or EC_LAUNCH
+    tb, bc, warps = launch or EC_FWD_LAUNCH
     X, y = torch.empty(*e.shape, dv, dtype=e.dtype, device=e.device), torch.empty_like(e)
     wrap_triton(_ec_fwd_kernel)[(triton.cdiv(n, tb), triton.cdiv(d, bc))](
-        e, w, W, X, y, n, T, d, K=K, dv=dv, TB=tb, BC=bc, BLOCK_V=triton.next_power_of_2(dv), num_warps=warps)
+        e, w, W, X, y, n, T, d, K=K, dv=dv, TB=tb, BC=bc, BLOCK_V=triton.next_power_of_2(dv),
+        BLOCK_K=triton.next_power_of_2(K), num_warps=warps)
     return X, y
 
 
 def ec_backward(gX: torch.Tensor, gy: torch.Tensor, e: torch.Tensor, w: torch.Tensor, W: torch.Tensor,
                 launch: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gX (B, T, d, d_v) and gy (B, T, d), contiguous -> (grad e in e's dtype, grad w (d, d_v, K) and grad W
-    (d, d_v), fp32)."""
+    (d, d_v), fp32). ``launch``: ``EC_BWD_LAUNCH``'s, for the sweep."""
     n, T, d, dv, K = _ec_shape(e, w)
-    tb, bc, warps, steps = launch or EC_LAUNCH
+    tb, bc, warps, steps = launch or EC_BWD_LAUNCH
     programs = triton.cdiv(n, tb * steps)
     ge = torch.empty_like(e)
     gwp = torch.empty(programs, d, dv, K, dtype=torch.float32, device=e.device)

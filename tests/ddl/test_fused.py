@@ -869,14 +869,16 @@ def test_expand_read_opcheck(impl):
 
 @pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
-@pytest.mark.parametrize("launch", [(4, 8, 1, 2), (16, 32, 2, 4), (2, 4, 2, 3)])
-def test_expand_read_launches_match_the_torch_formulas(launch):
-    """Any (tokens a block, rows a block, warps, blocks a backward program): tails of tokens and rows masked."""
+@pytest.mark.parametrize("launch", [(4, 8, 1, 2), (16, 32, 2, 4), (2, 4, 2, 3), (1, 16, 1, 5)])
+@pytest.mark.parametrize("K", [4, 3])
+def test_expand_read_launches_match_the_torch_formulas(launch, K):
+    """Any (tokens a block, rows a block, warps[, blocks a backward program]); tails of tokens, rows and taps (K = 3
+    pads the tap dimension to 4) masked."""
     from ddl import _fused_kernels as fk
 
-    (e, w, W), (gX, gy) = ec_inputs(3, 7, 13, 4, 4, torch.float32)
+    (e, w, W), (gX, gy) = ec_inputs(3, 7, 13, 4, K, torch.float32)
     e, w, W = e.detach(), w.detach(), W.detach()
-    X, y = fk.ec_forward(e, w, W, launch)
+    X, y = fk.ec_forward(e, w, W, launch[:3])
     want_X, want_y = fused.expand_read_reference(e, w, W)
     torch.testing.assert_close(X, want_X, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(y, want_y, rtol=1e-6, atol=1e-6)
@@ -986,7 +988,9 @@ def test_cuda_compiled_model_launches_the_expansion_kernels():
 @pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
 def test_expansion_kernel_benchmark_runs_under_the_interpreter(tmp_path):
-    """bench/ec_kernels.py end to end on a tiny shape: every launch it sweeps runs and is recorded."""
+    """bench/ec_kernels.py end to end on a tiny shape: every launch it sweeps, forward and backward, runs, agrees
+    with the default launch and is recorded."""
     res, rows = run_bench(tmp_path, "ec_kernels.py", "--tokens", "32", "--seq", "16", "--d", "16")
-    assert len(rows) >= 8 and all(r["fwd_us"] > 0 and r["bwd_us"] > 0 and r["fwd_mb"] > 0 for r in rows)
-    assert "fwd us" in res.stdout
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd"} and len(rows) >= 16
+    assert all(r["us"] > 0 and r["mb"] > 0 and r["rel_err"] < 1e-5 for r in rows)
+    assert "TB/s" in res.stdout
