@@ -236,9 +236,10 @@ def main() -> None:
     for name in variant_names(args.variants):
         with switched(name):
             rows.append(measure(name, args))
-    if args.json:
-        with open(args.json, "a") as f:
-            for r in rows:
+        r = rows[-1]  # written and printed as each variant ends, so that a run cut short keeps what it measured
+        print(f"{name}: " + ", ".join(f"{k} {r[k]:.2f}" for k in ("step_ms", "step_ms_block") if k in r), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
                 f.write(json.dumps({**r, "device": torch.cuda.get_device_name(), "torch": torch.__version__}) + "\n")
     mode = "" if args.mode == "default" else f" mode={args.mode}"
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} preset={args.preset} "
