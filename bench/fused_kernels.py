@@ -83,6 +83,7 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
         launches = [(r, w) for r in (1, 2, 4, 8) for w in (1, 2, 4, 8, 16) if r * block_d // w >= 32]
     elif read:  # the one-tile kernels' best two (as references), then the two-pass ones
         launches = [(1, 16), (16, 8)] + [("chunk", c, w) for c in (64, 128, 256) for w in (2, 4) if c * 4 >= 32 * w]
+        launches += [("chunk", c, w, st) for c, w in ((128, 4), (256, 2), (256, 4)) for st in (1, 2, 4)]
     else:
         launches = [(r, w) for r in (1, 2, 4, 8) for w in (2, 4, 8, 16)]
         if torch.cuda.is_available():  # one token under 16 warps, capped at 64 registers: two programs an SM
@@ -105,7 +106,7 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
         if launch is None:
             name = "default"
         elif launch[0] == "chunk":
-            name = f"chunk={launch[1]} warps={launch[2]}"
+            name = f"chunk={launch[1]} warps={launch[2]}" + (f" stages={launch[3]}" if len(launch) > 3 else "")
         else:
             name = f"rows={launch[0]} warps={launch[1]}" + (f" regs={launch[2]}" if len(launch) > 2 else "")
         out.append({"d_v": dv, "read": read, "launch": name,
