@@ -74,7 +74,7 @@ class DDLConfig(BaseModel):
     elsewhere the PyTorch path runs unchanged. Off by default. On an H100 under torch.compile
     (small preset, tokens/s against the additive baseline; docs/PERFORMANCE.md):
     - d_v = 1: slower than inductor's own fusion of the unfused path, 0.91-0.93x against 0.95-0.96x;
-    - d_v = 4 CC: faster, 0.83x against 0.58x, and 4.5 GiB less peak memory. Under torch.compile inductor
+    - d_v = 4 CC: faster, 0.82-0.84x against 0.58x, and 4.5 GiB less peak memory. Under torch.compile inductor
       launches the kernels from its own code (the ops are ``torch.library.triton_op``), each CC readout is
       folded into the update before it (``ddl.fused.FOLD_READOUT``; unfolded, 0.74x at 1.1 GiB less), and the
       EC expansion makes block 0's readout in its own kernel (``ECExpander.expand_and_read``; 0.80x without)."""
