@@ -409,8 +409,9 @@ def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
 # sequence, rows r = b T + t); y[r, i] = sum_j W[i, j] X[r, i, j]. A program owns TB tokens and BC rows of d, its tiles
 # (BLOCK_K, TB, BC, BLOCK_V) with the taps as a dimension: the sums over taps, d_v and a block's tokens are reductions
 # over tile dimensions, which Triton can keep in a thread's registers while it spreads the rows of d over the threads,
-# and the partials accumulate in the layout those sums leave (the kernels before looped over the taps, adding each
-# tap's sum over tokens into a (rows, d_v, taps) partial through a select, and were 2-3x slower). Nothing couples rows
+# and the partials accumulate in the layout those sums leave (the kernels before looped over the taps, the backward
+# adding each tap's sum over tokens into a (rows, d_v, taps) partial through a select: each about twice as slow on an
+# H100, EC_FWD_LAUNCH and EC_BWD_LAUNCH say by how much). Nothing couples rows
 # of d, so the backward's sums over tokens (grad w, and C below for grad W) run over a program's STEPS token blocks
 # into one partial a program, which a small sum finishes.
 
