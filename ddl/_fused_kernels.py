@@ -301,12 +301,14 @@ def _chunk_launch(d: int, dv: int, launch: tuple | None) -> tuple[int, int, dict
     of d a pass (and Triton's ``num_stages``)."""
     block_v = triton.next_power_of_2(dv)
     if launch is None:
-        elements, warps, *stages = CHUNK_LAUNCH
-        options = {"num_warps": warps, **({"num_stages": stages[0]} if stages else {})}
-        return min(max(1, elements // block_v), triton.next_power_of_2(d)), block_v, options
-    if launch[0] == "chunk":
-        return launch[1], block_v, {"num_warps": launch[2], **({"num_stages": launch[3]} if len(launch) > 3 else {})}
-    return None
+        elements, warps = CHUNK_LAUNCH
+        return min(max(1, elements // block_v), triton.next_power_of_2(d)), block_v, {"num_warps": warps}
+    if launch[0] != "chunk":
+        return None
+    options = {"num_warps": launch[2]}
+    if len(launch) > 3:
+        options["num_stages"] = launch[3]
+    return launch[1], block_v, options
 
 
 def _regs(launch: tuple[int, ...] | None) -> dict:
@@ -411,9 +413,9 @@ def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
 # over tile dimensions, which Triton can keep in a thread's registers while it spreads the rows of d over the threads,
 # and the partials accumulate in the layout those sums leave (the kernels before looped over the taps, the backward
 # adding each tap's sum over tokens into a (rows, d_v, taps) partial through a select: each about twice as slow on an
-# H100, EC_FWD_LAUNCH and EC_BWD_LAUNCH say by how much). Nothing couples rows
-# of d, so the backward's sums over tokens (grad w, and C below for grad W) run over a program's STEPS token blocks
-# into one partial a program, which a small sum finishes.
+# H100, EC_FWD_LAUNCH and EC_BWD_LAUNCH say by how much). Nothing couples rows of d, so the backward's sums over
+# tokens (grad w, and C below for grad W) run over a program's STEPS token blocks into one partial a program, which
+# a small sum finishes.
 
 
 @triton.jit
