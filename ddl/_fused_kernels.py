@@ -174,12 +174,13 @@ def _row_block(row, i0, d, dv, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _h_dot_state(H, Y, GY, W, row, d, dv, READ: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+def _h_dot_state(H, Y, GY, W, row, d, dv, READ: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr,
+                 UNROLL: tl.constexpr):
     # the first pass: ||h||^2 and h^T Y (BLOCK_V,) for one token, BLOCK_C rows of its state at a time. READ
     # (backward, Y the update's gradient): h^T (Y + gy W^T), the readout's gradient gy joined
     ss = tl.zeros((BLOCK_C,), dtype=tl.float32)
     hy = tl.zeros((BLOCK_C, BLOCK_V), dtype=tl.float32)
-    for i0 in range(0, d, BLOCK_C):
+    for i0 in tl.range(0, d, BLOCK_C, loop_unroll_factor=UNROLL):
         i, i_ok, m, offs = _row_block(row, i0, d, dv, BLOCK_C, BLOCK_V)
         h = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32)
         ss += h * h
@@ -199,18 +200,18 @@ def _gy_w(GY, W, row, d, dv, i, i_ok, m, offs):
 
 @triton.jit
 def _fwd_chunk_kernel(X, H, V, BETA, W, OUT, Y, RNORM, P, d, dv: tl.constexpr, eps2, READ: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+                      BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr):
     # d_v > 1, one token a program in two passes over BLOCK_C rows of its (d, d_v) state at a time: the
     # first sums ||h||^2 and h^T X, the second reads the rows again (from cache) and writes. No padding of d
     # to a power of two, and a small tile in registers: more programs an SM. READ: also the next readout of
     # the new state, y[i] = sum_j W[i, j] out[i, j]
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_V)
-    hh, hx = _h_dot_state(H, X, X, X, row, d, dv, False, BLOCK_C, BLOCK_V)
+    hh, hx = _h_dot_state(H, X, X, X, row, d, dv, False, BLOCK_C, BLOCK_V, UNROLL)
     rnorm = 1.0 / tl.sqrt(hh + eps2)
     p = hx * rnorm
     delta = tl.load(BETA + row).to(tl.float32) * (tl.load(V + row * dv + j, mask=j < dv, other=0.0) - p)
-    for i0 in range(0, d, BLOCK_C):
+    for i0 in tl.range(0, d, BLOCK_C, loop_unroll_factor=UNROLL):
         i, i_ok, m, offs = _row_block(row, i0, d, dv, BLOCK_C, BLOCK_V)
         k = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32) * rnorm
         x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
@@ -226,14 +227,14 @@ def _fwd_chunk_kernel(X, H, V, BETA, W, OUT, Y, RNORM, P, d, dv: tl.constexpr, e
 
 @triton.jit
 def _bwd_chunk_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, d, dv: tl.constexpr, READ: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+                      BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr):
     # _bwd_tile_kernel in _fwd_chunk_kernel's two passes: k^T g first, then the gradients row block by block.
     # READ: the readout's gradient, g += gy W^T, joins the update's in both passes (grad W is the caller's)
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_V)
     j_ok = j < dv
     rnorm = tl.load(RNORM + row)
-    _, hg = _h_dot_state(H, G, GY, W, row, d, dv, READ, BLOCK_C, BLOCK_V)
+    _, hg = _h_dot_state(H, G, GY, W, row, d, dv, READ, BLOCK_C, BLOCK_V, UNROLL)
     gk = hg * rnorm
     v = tl.load(V + row * dv + j, mask=j_ok, other=0.0).to(tl.float32)
     p = tl.load(P + row * dv + j, mask=j_ok, other=0.0)
@@ -241,7 +242,7 @@ def _bwd_chunk_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, d, d
     delta = beta * (v - p)
     a = beta * gk
     kgk = tl.sum(gk * (delta - beta * p), axis=0)
-    for i0 in range(0, d, BLOCK_C):
+    for i0 in tl.range(0, d, BLOCK_C, loop_unroll_factor=UNROLL):
         i, i_ok, m, offs = _row_block(row, i0, d, dv, BLOCK_C, BLOCK_V)
         k = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32) * rnorm
         g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
@@ -256,7 +257,7 @@ def _bwd_chunk_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, d, d
 
 
 CHUNK_LAUNCH = (512, 4)
-"""d_v > 1: (elements of the state a pass holds, warps) of the two-pass kernels
+"""d_v > 1: (elements of the state a pass holds, warps[, Triton's num_stages]) of the two-pass kernels
 (``_fwd_chunk_kernel``, ``_bwd_chunk_kernel``); d = 768, d_v = 4 runs 128 rows of d a pass under 4 warps.
 
 d_v is a compile-time constant of these kernels. Passed as a runtime integer, the compiler could not prove a
@@ -296,19 +297,24 @@ def _launch(d: int, launch: tuple[int, int] | None = None) -> tuple[int, int, in
 
 
 def _chunk_launch(d: int, dv: int, launch: tuple | None) -> tuple[int, int, dict] | None:
-    """d_v > 1: (BLOCK_C, BLOCK_V, launch options) of the two-pass kernels, or None where ``launch`` = (tokens a
-    program, warps[, registers]) asks for the one-tile kernels; ``("chunk", rows, warps[, stages])`` sets the rows
-    of d a pass (and Triton's ``num_stages``)."""
+    """d_v > 1: (BLOCK_C, BLOCK_V, the rest of the kernels' arguments) of the two-pass kernels, or None where
+    ``launch`` = (tokens a program, warps[, registers]) asks for the one-tile kernels; ``("chunk", rows, warps[,
+    stages[, unroll]])`` sets the rows of d a pass (Triton's ``num_stages``, None for its default; the passes'
+    ``loop_unroll_factor``)."""
     block_v = triton.next_power_of_2(dv)
-    if launch is None:
-        elements, warps = CHUNK_LAUNCH
-        return min(max(1, elements // block_v), triton.next_power_of_2(d)), block_v, {"num_warps": warps}
+    if launch is None:  # (elements, warps[, stages[, unroll]])
+        rows = min(max(1, CHUNK_LAUNCH[0] // block_v), triton.next_power_of_2(d))
+        return rows, block_v, _options(*CHUNK_LAUNCH[1:])
     if launch[0] != "chunk":
         return None
-    options = {"num_warps": launch[2]}
-    if len(launch) > 3:
-        options["num_stages"] = launch[3]
-    return launch[1], block_v, options
+    return launch[1], block_v, _options(*launch[2:])
+
+
+def _options(warps: int, stages: int | None = None, unroll: int = 1) -> dict:
+    """The chunk kernels' launch options: ``num_warps``, ``num_stages`` where one is given (else Triton's default),
+    and the ``UNROLL`` of their row-block loops."""
+    options = {"num_warps": warps, "UNROLL": unroll}
+    return options if stages is None else {**options, "num_stages": stages}
 
 
 def _regs(launch: tuple[int, ...] | None) -> dict:
