@@ -87,6 +87,8 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
         # the passes' loops unrolled (Triton's loop_unroll_factor): more of a token's rows in flight at once
         launches += [("chunk", 128, 4, None, u) for u in (2, 3, 6)]
         launches += [("chunk", 256, 4, None, 3), ("chunk", 64, 2, None, 6), ("chunk", 64, 4, None, 6)]
+        # the backward's second pass loading the next row block's X ahead of this one's stores
+        launches += [("chunk", 128, 4, None, u, True) for u in (1, 3, 6)]
     else:
         launches = [(r, w) for r in (1, 2, 4, 8) for w in (2, 4, 8, 16)]
         if torch.cuda.is_available():  # one token under 16 warps, capped at 64 registers: two programs an SM
@@ -109,9 +111,9 @@ def sweep(dv: int, xdt: torch.dtype, n: int, d: int, iters: int, read: bool = Fa
         if launch is None:
             name = "default"
         elif launch[0] == "chunk":
-            stages, unroll = (*launch[3:], None, None)[:2]
+            stages, unroll, prefetch = (*launch[3:], None, None, None)[:3]
             name = (f"chunk={launch[1]} warps={launch[2]}" + (f" stages={stages}" if stages else "")
-                    + (f" unroll={unroll}" if unroll else ""))
+                    + (f" unroll={unroll}" if unroll else "") + (" prefetch" if prefetch else ""))
         else:
             name = f"rows={launch[0]} warps={launch[1]}" + (f" regs={launch[2]}" if len(launch) > 2 else "")
         out.append({"d_v": dv, "read": read, "launch": name,

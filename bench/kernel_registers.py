@@ -28,9 +28,9 @@ KERNELS = {  # name: (kernel, d_v, constexpr settings swept besides BLOCK_D / BL
     "forward_read": ("_fwd_tile_kernel", 4, {"READ": True}),
     "backward_read": ("_bwd_tile_kernel", 4, {"READ": True}),
     "forward_chunk": ("_fwd_chunk_kernel", 4, {"READ": False, "UNROLL": 1}),
-    "backward_chunk": ("_bwd_chunk_kernel", 4, {"READ": False, "UNROLL": 1}),
+    "backward_chunk": ("_bwd_chunk_kernel", 4, {"READ": False, "UNROLL": 1, "PREFETCH": False}),
     "forward_chunk_read": ("_fwd_chunk_kernel", 4, {"READ": True, "UNROLL": 1}),
-    "backward_chunk_read": ("_bwd_chunk_kernel", 4, {"READ": True, "UNROLL": 1}),
+    "backward_chunk_read": ("_bwd_chunk_kernel", 4, {"READ": True, "UNROLL": 1, "PREFETCH": False}),
     "forward_dv1": ("_fwd_kernel", 1, {}),
     "backward_dv1": ("_bwd_kernel", 1, {}),
 }

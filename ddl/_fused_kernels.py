@@ -227,9 +227,10 @@ def _fwd_chunk_kernel(X, H, V, BETA, W, OUT, Y, RNORM, P, d, dv: tl.constexpr, e
 
 @triton.jit
 def _bwd_chunk_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, d, dv: tl.constexpr, READ: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr):
+                      BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr, PREFETCH: tl.constexpr):
     # _bwd_tile_kernel in _fwd_chunk_kernel's two passes: k^T g first, then the gradients row block by block.
-    # READ: the readout's gradient, g += gy W^T, joins the update's in both passes (grad W is the caller's)
+    # READ: the readout's gradient, g += gy W^T, joins the update's in both passes (grad W is the caller's).
+    # PREFETCH: the second pass, the first to read X, loads the next row block's X before this one's stores
     row = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_V)
     j_ok = j < dv
@@ -242,13 +243,22 @@ def _bwd_chunk_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, d, d
     delta = beta * (v - p)
     a = beta * gk
     kgk = tl.sum(gk * (delta - beta * p), axis=0)
+    x_next = tl.zeros((BLOCK_C, BLOCK_V), dtype=tl.float32)
+    if PREFETCH:
+        _, _, m, offs = _row_block(row, 0, d, dv, BLOCK_C, BLOCK_V)
+        x_next = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
     for i0 in tl.range(0, d, BLOCK_C, loop_unroll_factor=UNROLL):
         i, i_ok, m, offs = _row_block(row, i0, d, dv, BLOCK_C, BLOCK_V)
+        if PREFETCH:
+            x = x_next
+            _, _, m_next, offs_next = _row_block(row, i0 + BLOCK_C, d, dv, BLOCK_C, BLOCK_V)
+            x_next = tl.load(X + offs_next, mask=m_next, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
         k = tl.load(H + row * d + i, mask=i_ok, other=0.0).to(tl.float32) * rnorm
         g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
         if READ:
             g += _gy_w(GY, W, row, d, dv, i, i_ok, m, offs)
-        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
         grad_k = tl.sum(g * delta[None, :] - x * a[None, :], axis=1)
         tl.store(GX + offs, (g - k[:, None] * a[None, :]).to(GX.dtype.element_ty), mask=m)
         tl.store(GH + row * d + i, (rnorm * (grad_k - kgk * k)).to(GH.dtype.element_ty), mask=i_ok)
@@ -299,10 +309,10 @@ def _launch(d: int, launch: tuple[int, int] | None = None) -> tuple[int, int, in
 def _chunk_launch(d: int, dv: int, launch: tuple | None) -> tuple[int, int, dict] | None:
     """d_v > 1: (BLOCK_C, BLOCK_V, the rest of the kernels' arguments) of the two-pass kernels, or None where
     ``launch`` = (tokens a program, warps[, registers]) asks for the one-tile kernels; ``("chunk", rows, warps[,
-    stages[, unroll]])`` sets the rows of d a pass (Triton's ``num_stages``, None for its default; the passes'
-    ``loop_unroll_factor``)."""
+    stages[, unroll[, prefetch]]])`` sets the rows of d a pass (Triton's ``num_stages``, None for its default; the
+    passes' ``loop_unroll_factor``; whether the backward's second pass loads the next row block's X first)."""
     block_v = triton.next_power_of_2(dv)
-    if launch is None:  # (elements, warps[, stages[, unroll]])
+    if launch is None:  # (elements, warps[, stages[, unroll[, prefetch]]])
         rows = min(max(1, CHUNK_LAUNCH[0] // block_v), triton.next_power_of_2(d))
         return rows, block_v, _options(*CHUNK_LAUNCH[1:])
     if launch[0] != "chunk":
@@ -310,10 +320,10 @@ def _chunk_launch(d: int, dv: int, launch: tuple | None) -> tuple[int, int, dict
     return launch[1], block_v, _options(*launch[2:])
 
 
-def _options(warps: int, stages: int | None = None, unroll: int = 1) -> dict:
+def _options(warps: int, stages: int | None = None, unroll: int = 1, prefetch: bool = False) -> dict:
     """The chunk kernels' launch options: ``num_warps``, ``num_stages`` where one is given (else Triton's default),
-    and the ``UNROLL`` of their row-block loops."""
-    options = {"num_warps": warps, "UNROLL": unroll}
+    the ``UNROLL`` of their row-block loops and the backward's ``PREFETCH``."""
+    options = {"num_warps": warps, "UNROLL": unroll, "PREFETCH": bool(prefetch)}
     return options if stages is None else {**options, "num_stages": stages}
 
 
@@ -378,6 +388,7 @@ def _forward(X, h, v, beta, eps, W, launch):
                                                           BLOCK_D=block_d, num_warps=num_warps)
     elif (chunk := _chunk_launch(d, dv, launch)) is not None:
         block_c, block_v, options = chunk
+        options = {k: o for k, o in options.items() if k != "PREFETCH"}  # the backward's alone
         wrap_triton(_fwd_chunk_kernel)[(n,)](X, h, v, beta, W, out, Y, rnorm, p, d, dv, eps * eps, READ=read,
                                              BLOCK_C=block_c, BLOCK_V=block_v, **options)
     else:

@@ -564,12 +564,12 @@ def test_cuda_inductor_launches_the_kernels_itself(d_v):
 
 @pytest.mark.gpu
 @cuda_kernels
-@pytest.mark.parametrize("launch", [None, ("chunk", 64, 4), ("chunk", 128, 4, None, 3), (16, 8), (1, 16)])
+@pytest.mark.parametrize("launch", [None, ("chunk", 64, 4), ("chunk", 128, 4, None, 3, True), (16, 8), (1, 16)])
 @pytest.mark.parametrize(("x_dtype", "h_dtype"), DTYPES[:3], ids=dtype_ids[:3])
 def test_cuda_folded_readout_matches_float64(x_dtype, h_dtype, launch):
     """The small model's shape, d = 768 and d_v = 4: the op (its default launch), and the kernels under other
-    launches: two passes over 64 rows, over 128 rows unrolled three times, the one-tile kernels as a loop and one
-    token a program."""
+    launches: two passes over 64 rows, over 128 rows unrolled three times with the backward's X prefetched, the
+    one-tile kernels as a loop and one token a program."""
     t, g = inputs((3, 50), 768, 4, x_dtype, h_dtype, device="cuda")
     W = torch.randn(768, 4, device="cuda").requires_grad_()
     gy = torch.randn(3, 50, 768, device="cuda").to(x_dtype)
@@ -592,7 +592,8 @@ def test_cuda_folded_readout_matches_float64(x_dtype, h_dtype, launch):
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
 @pytest.mark.parametrize(("d_v", "launch"), [(1, (1, 1)), (1, (4, 2)), (1, (8, 4)), (4, (1, 1)), (4, (3, 8)),
                                              (4, ("chunk", 4, 1)), (4, ("chunk", 16, 2)), (4, ("chunk", 4, 1, None, 2)),
-                                             (4, ("chunk", 4, 1, None, 4)), (3, (1, 4))])
+                                             (4, ("chunk", 4, 1, None, 4)), (4, ("chunk", 4, 1, None, 1, True)),
+                                             (4, ("chunk", 4, 1, None, 2, True)), (3, (1, 4))])
 def test_launch_shapes_give_the_default_result(d_v, launch):
     """bench/fused_kernels.py sweeps (rows a program, warps), and for d_v > 1 the two-pass kernels' rows a
     pass (the default; unrolled 2 and 4 times: d = 13 is 4 blocks of 4, one masked) against the one-tile kernels;
@@ -617,7 +618,7 @@ def test_launch_shapes_give_the_default_result(d_v, launch):
 @pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
 @pytest.mark.parametrize("launch", [(1, 2), (3, 4), (16, 8), ("chunk", 4, 1), ("chunk", 16, 2),
-                                    ("chunk", 4, 1, None, 3)])
+                                    ("chunk", 4, 1, None, 3), ("chunk", 4, 1, None, 3, True)])
 def test_folded_launch_shapes_give_the_default_result(launch):
     """The folded kernels under other launches compute what their default launch (two passes) does: the
     one-tile kernels one token a program (straight-line) or several (a loop), the two-pass ones with other
