@@ -267,8 +267,9 @@ def _bwd_chunk_kernel(G, GY, X, H, V, BETA, W, RNORM, P, GX, GH, GV, GBETA, d, d
 
 
 CHUNK_LAUNCH = (512, 4)
-"""d_v > 1: (elements of the state a pass holds, warps[, Triton's num_stages]) of the two-pass kernels
-(``_fwd_chunk_kernel``, ``_bwd_chunk_kernel``); d = 768, d_v = 4 runs 128 rows of d a pass under 4 warps.
+"""d_v > 1: (elements of the state a pass holds, warps[, Triton's num_stages[, UNROLL[, PREFETCH]]]) of the
+two-pass kernels (``_fwd_chunk_kernel``, ``_bwd_chunk_kernel``); d = 768, d_v = 4 runs 128 rows of d a pass under 4
+warps, with Triton's default stages, loops not unrolled and no prefetch.
 
 d_v is a compile-time constant of these kernels. Passed as a runtime integer, the compiler could not prove a
 row block's d_v entries contiguous and aligned, and moved the state two bytes at a time. Measured on an H100
@@ -279,6 +280,14 @@ session):
 - constant d_v, 128 rows under 2 warps: 121 and 178 us;
 - constant d_v, **128 rows under 4 warps**: **98 and 142 us** (2.6 and 2.7 TB/s); 256 rows under 2 or 4 warps
   and 512 under 4: 101-107 and 150-155 us.
+
+The other entries are for the sweep (the twenty-first session, the folded kernels, d = 768,
+docs/bench/fused-kernels-unroll-h100-2026-12-07.jsonl): ``num_stages`` 1, 2 or 4 changes nothing (Triton does not
+pipeline these loops; 141.1-141.4 us backward at 128 rows, 4 warps). ``UNROLL`` 3 (the row-block loops'
+``loop_unroll_factor``) and ``PREFETCH`` (the backward's second pass, the first to read X, loads the next row
+block's X before this one's stores) take the backward from 141.1 to 135.5 us; either alone, 138.7 and 146.4 us.
+The forwards read 97-105 us at every setting, within the sweep's spread (99.9 and 104.4 us for the same launch).
+In the model, UNROLL 3 both ways left the step where it was (49.02 against 48.92 ms block-synced).
 
 The fold's kernels (``READ``) leave grad W = sum_t gy_t out_t to the caller: ``ddl.fused`` writes it as a
 product and a sum, one inductor reduction a site (56 us on an H100). Summed in the kernels instead (the eighth
