@@ -21,7 +21,9 @@ matmul over the tokens each, or as column sums, whatever the model's size (``Nar
 default d_v > 1 models take the matmul); ``:fold`` and ``:nofold`` set ``ddl.fused.FOLD_READOUT`` to True
 and False (each fused update also makes the next CC readout, or none does; by default it does when compiled),
 e.g. ``ddl_dv4_fused:nofold``; ``:noec`` runs the EC expander and block 0's readout as modules, not as the fused
-``ddl.fused.expand_read`` a compiled fused model takes on CUDA.
+``ddl.fused.expand_read`` a compiled fused model takes on CUDA; ``:vmm`` computes the value head's product (d_v > 1) as
+one matmul (``NarrowLinear.MM_FORWARD``) instead of inductor's reduction; ``:bwdpf`` gives the fused backward its own
+launch, its loops unrolled 3 times and the next row block's X loaded first (``ddl._fused_kernels.CHUNK_BWD_LAUNCH``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ VARIANTS = {
 }
 
 
-SUFFIXES = ("gemv", "mm", "nomm", "fold", "nofold", "noec")
+SUFFIXES = ("gemv", "mm", "nomm", "fold", "nofold", "noec", "vmm", "bwdpf")
+BWDPF_LAUNCH = (512, 4, None, 3, True)  # the sweep's best folded backward (docs/PERFORMANCE.md, twenty-first session)
 
 
 def variant_names(spec: str) -> list[str]:
@@ -76,7 +79,13 @@ def switched(name: str):
     does not guard on the swapped forward and would reuse this variant's graphs for the next."""
     suffix = name.partition(":")[2]
     forward, fold, mm = layers.NarrowLinear.forward, fused.FOLD_READOUT, layers.NarrowLinear.MM_WEIGHT_GRAD
-    expand = fused.supported_expand
+    expand, mm_forward = fused.supported_expand, layers.NarrowLinear.MM_FORWARD
+    kernels = None
+    if suffix == "bwdpf":  # needs triton: imported for this suffix only
+        from ddl import _fused_kernels as kernels
+
+        kernels.CHUNK_BWD_LAUNCH = BWDPF_LAUNCH
+    layers.NarrowLinear.MM_FORWARD = suffix == "vmm" or mm_forward
     if suffix == "gemv":
         layers.NarrowLinear.forward = nn.Linear.forward
     if suffix == "noec":  # EC and block 0's readout as modules, not fused.expand_read
@@ -87,7 +96,9 @@ def switched(name: str):
         yield
     finally:
         layers.NarrowLinear.forward, fused.FOLD_READOUT, layers.NarrowLinear.MM_WEIGHT_GRAD = forward, fold, mm
-        fused.supported_expand = expand
+        fused.supported_expand, layers.NarrowLinear.MM_FORWARD = expand, mm_forward
+        if kernels is not None:
+            kernels.CHUNK_BWD_LAUNCH = None
         torch._dynamo.reset()
 
 

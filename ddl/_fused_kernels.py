@@ -304,6 +304,11 @@ partial, took 63-240 us over ten launches against inductor's 47 us
 (docs/bench/wgrad-kernel-h100-2026-12-06.jsonl)."""
 
 
+CHUNK_BWD_LAUNCH: tuple | None = None
+"""The backward's own launch, in ``CHUNK_LAUNCH``'s form, where it differs (None: ``CHUNK_LAUNCH``); for benchmarks
+(bench/throughput.py's ``:bwdpf``, ``(512, 4, None, 3, True)``: the sweep's best backward, 135.5 against 141.1 us)."""
+
+
 def _launch(d: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
     """d_v = 1: (ROWS, BLOCK_D, num_warps) for rows of width d: about 4096 elements a program under a warp
     per 512, so d = 768 runs four rows under 8 warps (on an H100: forward 47 us, backward 71 us for 16384
@@ -315,15 +320,16 @@ def _launch(d: int, launch: tuple[int, int] | None = None) -> tuple[int, int, in
     return rows, block_d, min(max(rows * block_d // 512, 1), 16)
 
 
-def _chunk_launch(d: int, dv: int, launch: tuple | None) -> tuple[int, int, dict] | None:
+def _chunk_launch(d: int, dv: int, launch: tuple | None, default: tuple | None = None) -> tuple[int, int, dict] | None:
     """d_v > 1: (BLOCK_C, BLOCK_V, the rest of the kernels' arguments) of the two-pass kernels, or None where
     ``launch`` = (tokens a program, warps[, registers]) asks for the one-tile kernels; ``("chunk", rows, warps[,
     stages[, unroll[, prefetch]]])`` sets the rows of d a pass (Triton's ``num_stages``, None for its default; the
     passes' ``loop_unroll_factor``; whether the backward's second pass loads the next row block's X first)."""
     block_v = triton.next_power_of_2(dv)
     if launch is None:  # (elements, warps[, stages[, unroll[, prefetch]]])
-        rows = min(max(1, CHUNK_LAUNCH[0] // block_v), triton.next_power_of_2(d))
-        return rows, block_v, _options(*CHUNK_LAUNCH[1:])
+        default = default or CHUNK_LAUNCH
+        rows = min(max(1, default[0] // block_v), triton.next_power_of_2(d))
+        return rows, block_v, _options(*default[1:])
     if launch[0] != "chunk":
         return None
     return launch[1], block_v, _options(*launch[2:])
@@ -420,7 +426,7 @@ def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
                                                           ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
         return gX, gh, gv, gbeta
     read, gy, W = W is not None, g if gy is None else gy, X if W is None else W
-    if (chunk := _chunk_launch(d, dv, launch)) is not None:
+    if (chunk := _chunk_launch(d, dv, launch, CHUNK_BWD_LAUNCH)) is not None:
         block_c, block_v, options = chunk
         wrap_triton(_bwd_chunk_kernel)[(n,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, d, dv,
                                              READ=read, BLOCK_C=block_c, BLOCK_V=block_v, **options)

@@ -61,6 +61,16 @@ class _NarrowProduct(torch.autograd.Function):
         return gx, torch.mm(rows, x.reshape(-1, w.shape[1])).to(w.dtype)
 
 
+class _NarrowMatmul(_NarrowProduct):
+    """:class:`_NarrowProduct`'s gradients with the product as one matmul in x's dtype, output fp32 (``NarrowLinear``'s
+    ``MM_FORWARD``): a looped inductor reduction reads each token's row once per output, a matmul once."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = torch.mm(x.reshape(-1, w.shape[1]), w.t().to(x.dtype))
+        return y.float().reshape(*x.shape[:-1], w.shape[0])
+
+
 class NarrowLinear(nn.Linear):
     """A Linear with a few outputs (the gate's logit, the value head): nn.Linear's parameters, state
     dict and hooks, computed under ``torch.compile`` as a product and a sum over the input, in fp32.
@@ -74,9 +84,12 @@ class NarrowLinear(nn.Linear):
     ``mm_grad`` (an attribute; ``DeltaResidual`` sets it for d_v > 1): compiled, with at most 8 outputs, the
     weight's gradient is one matmul over the tokens (``_NarrowProduct``) instead of a column sum per output.
     On an H100 (small preset, docs/PERFORMANCE.md) it made the d_v = 4 step 0.3-0.6 ms faster and the d_v = 1
-    step about 1.3 ms slower. ``MM_WEIGHT_GRAD``, unless None, overrides every layer's choice (benchmarks)."""
+    step about 1.3 ms slower. ``MM_WEIGHT_GRAD``, unless None, overrides every layer's choice (benchmarks).
+    ``MM_FORWARD`` (benchmarks; bench/throughput.py's ``:vmm``): where the gradient is a matmul, a layer of more than
+    one output computes its product as one too (``_NarrowMatmul``), not as a reduction."""
 
     MM_WEIGHT_GRAD: bool | None = None
+    MM_FORWARD = False
     mm_grad = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +97,11 @@ class NarrowLinear(nn.Linear):
             return super().forward(x)
         mm = self.mm_grad if self.MM_WEIGHT_GRAD is None else self.MM_WEIGHT_GRAD
         # mm: w's gradient one matmul; else autograd's column sums
-        y = _NarrowProduct.apply(x, self.weight) if mm and self.out_features <= 8 else _narrow_product(x, self.weight)
+        if mm and self.out_features <= 8:
+            fn = _NarrowMatmul if self.MM_FORWARD and self.out_features > 1 else _NarrowProduct
+            y = fn.apply(x, self.weight)
+        else:
+            y = _narrow_product(x, self.weight)
         return y if self.bias is None else y + self.bias.float()
 
 

@@ -617,6 +617,41 @@ def test_launch_shapes_give_the_default_result(d_v, launch):
 
 @pytest.mark.kernels
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
+def test_backward_launch_of_its_own_gives_the_default_result(monkeypatch):
+    """``CHUNK_BWD_LAUNCH`` (bench/throughput.py's ``:bwdpf``) gives the backward its own default launch, unrolled and
+    prefetching, and computes what ``CHUNK_LAUNCH`` does; the switch sets it and puts it back."""
+    import sys
+    from pathlib import Path
+
+    from ddl import _fused_kernels as fk
+
+    n, d, d_v = 11, 13, 4
+    g = torch.Generator().manual_seed(2)
+    X, h, W = torch.randn(n, d, d_v, generator=g), torch.randn(n, d, generator=g), torch.randn(d, d_v, generator=g)
+    v, beta = torch.rand(n, d_v, generator=g), torch.rand(n, 1, generator=g) * 2
+    gout, gy = torch.randn(n, d, d_v, generator=g), torch.randn(n, d, generator=g)
+    monkeypatch.setattr(fk, "CHUNK_LAUNCH", (16, 1))  # 4 rows a pass: d = 13 is 4 blocks, one masked
+    _, _, rnorm, p = fk.forward_read(X, h, v, beta, W, EPS)
+    want = fk.backward_read(gout, gy, X, h, v, beta, W, rnorm, p)
+    monkeypatch.setattr(fk, "CHUNK_BWD_LAUNCH", (16, 1, None, 3, True))
+    seen = []
+    monkeypatch.setattr(fk, "_options", lambda *a, f=fk._options: seen.append(a) or f(*a))
+    got = fk.backward_read(gout, gy, X, h, v, beta, W, rnorm, p)
+    assert seen == [(1, None, 3, True)]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
+    monkeypatch.delitem(sys.modules, "throughput", raising=False)
+    import throughput
+
+    monkeypatch.setattr(fk, "CHUNK_BWD_LAUNCH", None)
+    with throughput.switched("ddl_dv4_fused:bwdpf"):
+        assert fk.CHUNK_BWD_LAUNCH == throughput.BWDPF_LAUNCH
+    assert fk.CHUNK_BWD_LAUNCH is None
+
+
+@pytest.mark.kernels
+@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
 @pytest.mark.parametrize("launch", [(1, 2), (3, 4), (16, 8), ("chunk", 4, 1), ("chunk", 16, 2),
                                     ("chunk", 4, 1, None, 3), ("chunk", 4, 1, None, 3, True)])
 def test_folded_launch_shapes_give_the_default_result(launch):
@@ -799,6 +834,9 @@ def test_benchmark_variant_switches_flip_the_code_path_and_restore_it(monkeypatc
         with throughput.switched(f"ddl_dv1:{suffix}"):
             assert layers.NarrowLinear.MM_WEIGHT_GRAD is want
     assert layers.NarrowLinear.MM_WEIGHT_GRAD is None
+    with throughput.switched("ddl_dv4_fused:vmm"):
+        assert layers.NarrowLinear.MM_FORWARD is True
+    assert layers.NarrowLinear.MM_FORWARD is False
     assert layers.NarrowLinear.forward is not torch.nn.Linear.forward
     with pytest.raises(SystemExit, match="unknown variant 'ddl_dv4_fused:fast'"):
         throughput.config_of("ddl_dv4_fused:fast")

@@ -184,6 +184,39 @@ def test_narrow_linear_compiled_equals_linear(out, mm):
     assert nl(x).dtype == torch.float32 and torch.equal(nl(x), ref(x))  # eager: F.linear itself
 
 
+@pytest.mark.parametrize("out", [1, 4])
+def test_narrow_linear_matmul_forward_equals_linear(monkeypatch, out):
+    """``NarrowLinear.MM_FORWARD`` (bench/throughput.py's ``:vmm``): a layer of several outputs computes its product as
+    one matmul under compile, with nn.Linear's result and gradients; a single output keeps the reduction."""
+    from ddl import layers
+
+    monkeypatch.setattr(layers.NarrowLinear, "MM_FORWARD", True)
+    torch.manual_seed(0)
+    ref, nl = torch.nn.Linear(48, out), layers.NarrowLinear(48, out)
+    nl.mm_grad = True
+    nl.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 48)
+    xr = x.clone().requires_grad_()
+    want_y = ref(xr)
+    want = torch.autograd.grad(want_y.square().sum(), (xr, ref.weight, ref.bias))
+    calls = []
+    for backend in ("aot_eager", None):  # None: the compiled branch run eagerly, to see which Function it takes
+        xn = x.clone().requires_grad_()
+        if backend is None:
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+            for fn in (layers._NarrowMatmul, layers._NarrowProduct):
+                monkeypatch.setattr(fn, "apply", lambda *a, f=fn.apply, n=fn.__name__: calls.append(n) or f(*a))
+        got_y = (nl if backend is None else torch.compile(nl, backend=backend, fullgraph=True))(xn)
+        got = torch.autograd.grad(got_y.square().sum(), (xn, nl.weight, nl.bias))
+        torch._dynamo.reset()
+        if backend is None:
+            assert calls == ["_NarrowMatmul" if out > 1 else "_NarrowProduct"]
+        assert got_y.dtype == torch.float32
+        torch.testing.assert_close(got_y, want_y, atol=1e-5, rtol=1e-5)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
 def test_heads_take_matmul_weight_grads_at_dv_above_one():
     """The gate's and value head's weight gradients are matmuls in d_v > 1 models only (faster there, slower at
     d_v = 1 on an H100); the bench's override beats each layer's choice."""
