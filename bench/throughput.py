@@ -80,11 +80,11 @@ def switched(name: str):
     suffix = name.partition(":")[2]
     forward, fold, mm = layers.NarrowLinear.forward, fused.FOLD_READOUT, layers.NarrowLinear.MM_WEIGHT_GRAD
     expand, mm_forward = fused.supported_expand, layers.NarrowLinear.MM_FORWARD
-    kernels = None
+    kernels = bwd_launch = None
     if suffix == "bwdpf":  # needs triton: imported for this suffix only
         from ddl import _fused_kernels as kernels
 
-        kernels.CHUNK_BWD_LAUNCH = BWDPF_LAUNCH
+        bwd_launch, kernels.CHUNK_BWD_LAUNCH = kernels.CHUNK_BWD_LAUNCH, BWDPF_LAUNCH
     layers.NarrowLinear.MM_FORWARD = suffix == "vmm" or mm_forward
     if suffix == "gemv":
         layers.NarrowLinear.forward = nn.Linear.forward
@@ -98,7 +98,7 @@ def switched(name: str):
         layers.NarrowLinear.forward, fused.FOLD_READOUT, layers.NarrowLinear.MM_WEIGHT_GRAD = forward, fold, mm
         fused.supported_expand, layers.NarrowLinear.MM_FORWARD = expand, mm_forward
         if kernels is not None:
-            kernels.CHUNK_BWD_LAUNCH = None
+            kernels.CHUNK_BWD_LAUNCH = bwd_launch
         torch._dynamo.reset()
 
 

@@ -320,8 +320,9 @@ def _launch(d: int, launch: tuple[int, int] | None = None) -> tuple[int, int, in
     return rows, block_d, min(max(rows * block_d // 512, 1), 16)
 
 
-def _chunk_launch(d: int, dv: int, launch: tuple | None, default: tuple | None = None) -> tuple[int, int, dict] | None:
-    """d_v > 1: (BLOCK_C, BLOCK_V, the rest of the kernels' arguments) of the two-pass kernels, or None where
+def _chunk_launch(d: int, dv: int, launch: tuple | None,
+                  default: tuple | None = None) -> tuple[int, int, dict, bool] | None:
+    """d_v > 1: (BLOCK_C, BLOCK_V, launch options, the backward's PREFETCH) of the two-pass kernels, or None where
     ``launch`` = (tokens a program, warps[, registers]) asks for the one-tile kernels; ``("chunk", rows, warps[,
     stages[, unroll[, prefetch]]])`` sets the rows of d a pass (Triton's ``num_stages``, None for its default; the
     passes' ``loop_unroll_factor``; whether the backward's second pass loads the next row block's X first)."""
@@ -329,17 +330,17 @@ def _chunk_launch(d: int, dv: int, launch: tuple | None, default: tuple | None =
     if launch is None:  # (elements, warps[, stages[, unroll[, prefetch]]])
         default = default or CHUNK_LAUNCH
         rows = min(max(1, default[0] // block_v), triton.next_power_of_2(d))
-        return rows, block_v, _options(*default[1:])
+        return rows, block_v, *_options(*default[1:])
     if launch[0] != "chunk":
         return None
-    return launch[1], block_v, _options(*launch[2:])
+    return launch[1], block_v, *_options(*launch[2:])
 
 
-def _options(warps: int, stages: int | None = None, unroll: int = 1, prefetch: bool = False) -> dict:
-    """The chunk kernels' launch options: ``num_warps``, ``num_stages`` where one is given (else Triton's default),
-    the ``UNROLL`` of their row-block loops and the backward's ``PREFETCH``."""
-    options = {"num_warps": warps, "UNROLL": unroll, "PREFETCH": bool(prefetch)}
-    return options if stages is None else {**options, "num_stages": stages}
+def _options(warps: int, stages: int | None = None, unroll: int = 1, prefetch: bool = False) -> tuple[dict, bool]:
+    """Both chunk kernels' launch options (``num_warps``, ``num_stages`` where one is given, else Triton's default,
+    and the ``UNROLL`` of their row-block loops), and the backward's ``PREFETCH``."""
+    options = {"num_warps": warps, "UNROLL": unroll}
+    return (options if stages is None else {**options, "num_stages": stages}), bool(prefetch)
 
 
 def _regs(launch: tuple[int, ...] | None) -> dict:
@@ -402,8 +403,7 @@ def _forward(X, h, v, beta, eps, W, launch):
         wrap_triton(_fwd_kernel)[(triton.cdiv(n, rows),)](X, h, v, beta, out, rnorm, p, n, d, eps * eps, ROWS=rows,
                                                           BLOCK_D=block_d, num_warps=num_warps)
     elif (chunk := _chunk_launch(d, dv, launch)) is not None:
-        block_c, block_v, options = chunk
-        options = {k: o for k, o in options.items() if k != "PREFETCH"}  # the backward's alone
+        block_c, block_v, options, _ = chunk  # prefetch: the backward's alone
         wrap_triton(_fwd_chunk_kernel)[(n,)](X, h, v, beta, W, out, Y, rnorm, p, d, dv, eps * eps, READ=read,
                                              BLOCK_C=block_c, BLOCK_V=block_v, **options)
     else:
@@ -427,9 +427,10 @@ def _backward(g, gy, X, h, v, beta, W, rnorm, p, launch):
         return gX, gh, gv, gbeta
     read, gy, W = W is not None, g if gy is None else gy, X if W is None else W
     if (chunk := _chunk_launch(d, dv, launch, CHUNK_BWD_LAUNCH)) is not None:
-        block_c, block_v, options = chunk
+        block_c, block_v, options, prefetch = chunk
         wrap_triton(_bwd_chunk_kernel)[(n,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, d, dv,
-                                             READ=read, BLOCK_C=block_c, BLOCK_V=block_v, **options)
+                                             READ=read, BLOCK_C=block_c, BLOCK_V=block_v, PREFETCH=prefetch,
+                                             **options)
     else:
         programs, block_d, block_v, num_warps = _tile_launch(n, d, dv, launch)
         wrap_triton(_bwd_tile_kernel)[(programs,)](g, gy, X, h, v, beta, W, rnorm, p, gX, gh, gv, gbeta, n, d,
