@@ -23,7 +23,11 @@ and False (each fused update also makes the next CC readout, or none does; by de
 e.g. ``ddl_dv4_fused:nofold``; ``:noec`` runs the EC expander and block 0's readout as modules, not as the fused
 ``ddl.fused.expand_read`` a compiled fused model takes on CUDA; ``:vmm`` computes the value head's product (d_v > 1) as
 one matmul (``NarrowLinear.MM_FORWARD``) instead of inductor's reduction; ``:bwdpf`` gives the fused backward its own
-launch, its loops unrolled 3 times and the next row block's X loaded first (``ddl._fused_kernels.CHUNK_BWD_LAUNCH``).
+launch, its loops unrolled 3 times and the next row block's X loaded first (``ddl._fused_kernels.CHUNK_BWD_LAUNCH``);
+``:wgk`` takes the heads' weight and bias gradients from their Triton kernel, not from cuBLAS and inductor's sums
+(``NarrowLinear.WGRAD_KERNEL``); ``:fk`` computes the value head's product with its Triton kernel, not as inductor's
+reduction (``NarrowLinear.FWD_KERNEL``). Suffixes join with ``+`` to flip several paths at once, e.g.
+``ddl_dv4_fused:vmm+bwdpf``.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ VARIANTS = {
 }
 
 
-SUFFIXES = ("gemv", "mm", "nomm", "fold", "nofold", "noec", "vmm", "bwdpf")
+SUFFIXES = ("gemv", "mm", "nomm", "fold", "nofold", "noec", "vmm", "bwdpf", "wgk", "fk")
 BWDPF_LAUNCH = (512, 4, None, 3, True)  # the sweep's best folded backward (docs/PERFORMANCE.md, twenty-first session)
 
 
@@ -66,37 +70,47 @@ def variant_names(spec: str) -> list[str]:
 
 def config_of(name: str) -> dict:
     """The config overrides of a variant name, suffix or not; exits with the choices on a bad name."""
-    base, _, suffix = name.partition(":")
-    if base not in VARIANTS or suffix not in ("", *SUFFIXES):
+    base = name.partition(":")[0]
+    if base not in VARIANTS or not set(suffixes_of(name)) <= set(SUFFIXES):
         sys.exit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}, optionally with "
-                 f"{' or '.join(':' + x for x in SUFFIXES)}")
+                 f"{' or '.join(':' + x for x in SUFFIXES)} (several joined by '+')")
     return VARIANTS[base]
+
+
+def suffixes_of(name: str) -> list[str]:
+    """The suffixes of a variant name: ``a:vmm+bwdpf`` -> ["vmm", "bwdpf"]; none -> []."""
+    suffix = name.partition(":")[2]
+    return suffix.split("+") if suffix else []
 
 
 @contextlib.contextmanager
 def switched(name: str):
     """The code path a variant's suffix asks for, while the block runs; dynamo reset after it, since it
     does not guard on the swapped forward and would reuse this variant's graphs for the next."""
-    suffix = name.partition(":")[2]
+    suffixes = suffixes_of(name)
     forward, fold, mm = layers.NarrowLinear.forward, fused.FOLD_READOUT, layers.NarrowLinear.MM_WEIGHT_GRAD
     expand, mm_forward = fused.supported_expand, layers.NarrowLinear.MM_FORWARD
+    wgrad_kernel, fwd_kernel = layers.NarrowLinear.WGRAD_KERNEL, layers.NarrowLinear.FWD_KERNEL
     kernels = bwd_launch = None
-    if suffix == "bwdpf":  # needs triton: imported for this suffix only
+    if "bwdpf" in suffixes:  # needs triton: imported for this suffix only
         from ddl import _fused_kernels as kernels
 
         bwd_launch, kernels.CHUNK_BWD_LAUNCH = kernels.CHUNK_BWD_LAUNCH, BWDPF_LAUNCH
-    layers.NarrowLinear.MM_FORWARD = suffix == "vmm" or mm_forward
-    if suffix == "gemv":
+    layers.NarrowLinear.MM_FORWARD = "vmm" in suffixes or mm_forward
+    layers.NarrowLinear.WGRAD_KERNEL = None if "wgk" in suffixes else wgrad_kernel  # None: on CUDA
+    layers.NarrowLinear.FWD_KERNEL = None if "fk" in suffixes else fwd_kernel
+    if "gemv" in suffixes:
         layers.NarrowLinear.forward = nn.Linear.forward
-    if suffix == "noec":  # EC and block 0's readout as modules, not fused.expand_read
+    if "noec" in suffixes:  # EC and block 0's readout as modules, not fused.expand_read
         fused.supported_expand = lambda e: False
-    layers.NarrowLinear.MM_WEIGHT_GRAD = {"mm": True, "nomm": False}.get(suffix, mm)
-    fused.FOLD_READOUT = {"fold": True, "nofold": False}.get(suffix, fold)
+    layers.NarrowLinear.MM_WEIGHT_GRAD = True if "mm" in suffixes else False if "nomm" in suffixes else mm
+    fused.FOLD_READOUT = True if "fold" in suffixes else False if "nofold" in suffixes else fold
     try:
         yield
     finally:
         layers.NarrowLinear.forward, fused.FOLD_READOUT, layers.NarrowLinear.MM_WEIGHT_GRAD = forward, fold, mm
         fused.supported_expand, layers.NarrowLinear.MM_FORWARD = expand, mm_forward
+        layers.NarrowLinear.WGRAD_KERNEL, layers.NarrowLinear.FWD_KERNEL = wgrad_kernel, fwd_kernel
         if kernels is not None:
             kernels.CHUNK_BWD_LAUNCH = bwd_launch
         torch._dynamo.reset()

@@ -568,3 +568,104 @@ def ec_backward(gX: torch.Tensor, gy: torch.Tensor, e: torch.Tensor, w: torch.Te
         gX, gy, e, w, W, ge, gwp, cp, n, T, d, K=K, dv=dv, STEPS=steps, TB=tb, BC=bc,
         BLOCK_V=triton.next_power_of_2(dv), BLOCK_K=triton.next_power_of_2(K), num_warps=warps)
     return ge, gwp.sum(0), (w.float() * cp.sum(0)[:, None, :]).sum(-1)
+
+
+# -- the weight and bias gradients of a narrow head (ddl.layers.NarrowLinear, d_v > 1) -----------------------------
+# gW = G^T x and gb = sum_t G_t for G (N, o) fp32 and x (N, n) over N tokens, o <= 8 outputs. A program owns a chunk
+# of TOKENS tokens and BLOCK_N columns of x; it walks the chunk BLOCK_T tokens at a time, G's rows rounded to x's dtype
+# (as autocast's Linear rounds them) and multiplied on the tensor cores into an fp32 (BLOCK_O, BLOCK_N) partial; the
+# programs of column block 0 also sum G in fp32 for the bias. A partial a chunk, which a small sum finishes.
+
+
+@triton.jit
+def _narrow_wgrad_kernel(G, X, P, N, n, o: tl.constexpr, TOKENS: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, IEEE: tl.constexpr):
+    # IEEE: the rounded G and x multiplied in fp32 (their products exact), for Triton's interpreter, whose dot of
+    # bf16 tiles returns garbage
+    chunk, cb = tl.program_id(0), tl.program_id(1)
+    cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = cols < n
+    oo = tl.arange(0, BLOCK_O)
+    o_ok = oo < o
+    acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=tl.float32)
+    gsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    t0 = chunk.to(tl.int64) * TOKENS
+    for ts in tl.range(0, TOKENS, BLOCK_T):
+        t = t0 + ts + tl.arange(0, BLOCK_T)
+        t_ok = t < N
+        g = tl.load(G + t[None, :] * o + oo[:, None], mask=o_ok[:, None] & t_ok[None, :], other=0.0)  # (O, T)
+        x = tl.load(X + t[:, None] * n + cols[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)  # (T, N)
+        if IEEE:
+            acc = tl.dot(g.to(x.dtype).to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(g.to(x.dtype), x, acc)
+        gsum += tl.sum(g, axis=1)
+    base = P + chunk.to(tl.int64) * o * (n + 1)
+    tl.store(base + oo[:, None] * (n + 1) + cols[None, :], acc, mask=o_ok[:, None] & c_ok[None, :])
+    if cb == 0:
+        tl.store(base + oo * (n + 1) + n, gsum, mask=o_ok)
+
+
+NARROW_WGRAD_LAUNCH = (256, 64, 128, 4)
+"""(tokens a program, tokens a step, columns a program, warps) of ``_narrow_wgrad_kernel``: 16384 tokens and d = 768
+make 64 x 6 programs, each reading 64 KB of x."""
+
+
+def narrow_weight_grad(g: torch.Tensor, x: torch.Tensor,
+                       launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """g (N, o) fp32 and x (N, n) bf16 or fp16, contiguous -> (o, n + 1) fp32: gW = g^T x in the first n columns,
+    gb = sum_t g_t in the last; g rounded to x's dtype for gW, as autocast's Linear rounds it, summed in fp32 for gb."""
+    N, o = g.shape
+    n = x.shape[1]
+    tokens, block_t, block_n, warps = launch or NARROW_WGRAD_LAUNCH
+    if tokens % block_t:
+        raise ValueError(f"narrow_weight_grad: tokens a program ({tokens}) must be a multiple of a step ({block_t})")
+    chunks = max(1, triton.cdiv(N, tokens))
+    partial = torch.empty(chunks, o, n + 1, dtype=torch.float32, device=x.device)
+    wrap_triton(_narrow_wgrad_kernel)[(chunks, triton.cdiv(n, block_n))](
+        g, x, partial, N, n, o=o, TOKENS=tokens, BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_O=max(16, triton.next_power_of_2(o)), IEEE=not x.is_cuda, num_warps=warps)
+    return partial.sum(0)
+
+
+@triton.jit
+def _narrow_fwd_kernel(X, W, B, Y, N, n, o: tl.constexpr, HAS_B: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, IEEE: tl.constexpr):
+    # y = x W^T + b for BLOCK_T tokens a program: x read once, in BLOCK_K columns at a time, W's rows rounded to x's
+    # dtype (as autocast's Linear rounds them) and multiplied on the tensor cores into fp32. IEEE: in fp32, for
+    # Triton's interpreter
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < N
+    oo = tl.arange(0, BLOCK_O)
+    o_ok = oo < o
+    acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+    for k0 in tl.range(0, n, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < n
+        x = tl.load(X + t[:, None] * n + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W + oo[None, :] * n + k[:, None], mask=k_ok[:, None] & o_ok[None, :], other=0.0).to(x.dtype)
+        if IEEE:  # noqa: SIM108 (a constexpr branch, one side compiled)
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    if HAS_B:
+        acc += tl.load(B + oo, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + t[:, None] * o + oo[None, :], acc, mask=t_ok[:, None] & o_ok[None, :])
+
+
+NARROW_FWD_LAUNCH = (64, 128, 4)
+"""(tokens a program, columns a step, warps) of ``_narrow_fwd_kernel``."""
+
+
+def narrow_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                   launch: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x (N, n) bf16 or fp16, w (o, n), b (o,) or None, contiguous -> y = x w^T + b (N, o) fp32, w taken in x's
+    dtype."""
+    N, n = x.shape
+    o = w.shape[0]
+    tokens, block_k, warps = launch or NARROW_FWD_LAUNCH
+    y = torch.empty(N, o, dtype=torch.float32, device=x.device)
+    wrap_triton(_narrow_fwd_kernel)[(triton.cdiv(N, tokens),)](
+        x, w, w if b is None else b, y, N, n, o=o, HAS_B=b is not None, BLOCK_T=tokens, BLOCK_K=block_k,
+        BLOCK_O=max(16, triton.next_power_of_2(o)), IEEE=not x.is_cuda, num_warps=warps)
+    return y

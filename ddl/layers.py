@@ -38,6 +38,11 @@ class _NarrowProduct(torch.autograd.Function):
     once) rather than a column sum per output, which inductor writes as a partial sum into a (1024, n) workspace
     finished by another launch for each.
 
+    The bias (None or (o,)), added in fp32, is an input too, so that its gradient can come from the weight's kernel:
+    with ``kernel`` (``NarrowLinear.WGRAD_KERNEL``), both come from one Triton kernel that reads x once
+    (:func:`ddl.fused.narrow_weight_grad`), in place of the transposing copy of g, the matmul, its cast and the
+    bias's sum.
+
     The sum is one reduction over a (..., o, n) product, not a stack of one sum per output. Stacked, rows o > 0 of
     w are read at an offset, which inductor does not count as contiguous: the kernel around the sums (a d_v = 4
     model's RMSNorm, gate and value head, one kernel a site) lost its inner-reduction hint and was looped, x read
@@ -46,29 +51,51 @@ class _NarrowProduct(torch.autograd.Function):
     (docs/PERFORMANCE.md, the nineteenth session). A gate's single output (o = 1) stays inside the norm's kernel."""
 
     @staticmethod
-    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _narrow_product(x, w)
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, kernel: bool, fwd_kernel: bool,
+                ) -> torch.Tensor:
+        if fwd_kernel:
+            from ddl import fused
+
+            return fused.narrow_product(x, w, b)
+        y = _narrow_product(x, w)
+        return y if b is None else y + b.float()
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
+        x, w, b, ctx.kernel, _ = inputs
+        ctx.b_dtype = None if b is None else b.dtype
+        ctx.save_for_backward(x, w)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w = ctx.saved_tensors
         gx = (g.unsqueeze(-1) * w.float()).sum(-2).to(x.dtype)
-        rows = g.reshape(-1, w.shape[0]).t().to(x.dtype)  # (o, tokens), as autocast's Linear rounds it
-        return gx, torch.mm(rows, x.reshape(-1, w.shape[1])).to(w.dtype)
+        if ctx.kernel:
+            from ddl import fused
+
+            gw, gb = fused.narrow_weight_grad(g, x)
+        else:
+            rows = g.reshape(-1, w.shape[0]).t().to(x.dtype)  # (o, tokens), as autocast's Linear rounds it
+            gw, gb = torch.mm(rows, x.reshape(-1, w.shape[1])), g.reshape(-1, w.shape[0]).sum(0)
+        return gx, gw.to(w.dtype), None if ctx.b_dtype is None else gb.to(ctx.b_dtype), None, None
 
 
 class _NarrowMatmul(_NarrowProduct):
-    """:class:`_NarrowProduct`'s gradients with the product as one matmul in x's dtype, output fp32 (``NarrowLinear``'s
-    ``MM_FORWARD``): a looped inductor reduction reads each token's row once per output, a matmul once."""
+    """:class:`_NarrowProduct`'s gradients with the product as one matmul (``NarrowLinear``'s ``MM_FORWARD``): a looped
+    inductor reduction reads each token's row once per output, a matmul once. On CUDA a bf16/fp16 x meets w in x's
+    dtype, as autocast's Linear does, and cuBLAS accumulates into an fp32 output (``out_dtype``) that is never
+    rounded to x's dtype; elsewhere the product is taken in fp32."""
 
     @staticmethod
-    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        y = torch.mm(x.reshape(-1, w.shape[1]), w.t().to(x.dtype))
-        return y.float().reshape(*x.shape[:-1], w.shape[0])
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, kernel: bool, fwd_kernel: bool,
+                ) -> torch.Tensor:
+        rows = x.reshape(-1, w.shape[1])
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            y = torch.mm(rows, w.t().to(x.dtype), out_dtype=torch.float32)
+        else:
+            y = torch.mm(rows.float(), w.t().float())
+        y = y.reshape(*x.shape[:-1], w.shape[0])
+        return y if b is None else y + b.float()
 
 
 class NarrowLinear(nn.Linear):
@@ -86,10 +113,19 @@ class NarrowLinear(nn.Linear):
     On an H100 (small preset, docs/PERFORMANCE.md) it made the d_v = 4 step 0.3-0.6 ms faster and the d_v = 1
     step about 1.3 ms slower. ``MM_WEIGHT_GRAD``, unless None, overrides every layer's choice (benchmarks).
     ``MM_FORWARD`` (benchmarks; bench/throughput.py's ``:vmm``): where the gradient is a matmul, a layer of more than
-    one output computes its product as one too (``_NarrowMatmul``), not as a reduction."""
+    one output computes its product as one too (``_NarrowMatmul``), not as a reduction. ``WGRAD_KERNEL``: where the
+    gradient is a matmul, whether the weight's and bias's come from one Triton kernel instead
+    (:func:`ddl.fused.narrow_weight_grad`): None on CUDA with x in bf16 or fp16 (bench/throughput.py's ``:wgk``),
+    True also elsewhere (the op's PyTorch formulas, or the kernel under Triton's interpreter), False (the default
+    until a GPU has timed it in the model) never. ``FWD_KERNEL``, alike (``:fk``): whether a layer of more than one
+    output (the d_v > 1 value head) computes its product with one Triton kernel that reads x once
+    (:func:`ddl.fused.narrow_product`); a gate's single output stays in the reduction that inductor fuses into the
+    RMSNorm before it."""
 
     MM_WEIGHT_GRAD: bool | None = None
     MM_FORWARD = False
+    WGRAD_KERNEL: bool | None = False
+    FWD_KERNEL: bool | None = False
     mm_grad = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,9 +135,11 @@ class NarrowLinear(nn.Linear):
         # mm: w's gradient one matmul; else autograd's column sums
         if mm and self.out_features <= 8:
             fn = _NarrowMatmul if self.MM_FORWARD and self.out_features > 1 else _NarrowProduct
-            y = fn.apply(x, self.weight)
-        else:
-            y = _narrow_product(x, self.weight)
+            native = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)  # where the kernels run by default
+            kernel = native if self.WGRAD_KERNEL is None else self.WGRAD_KERNEL
+            fwd_kernel = (native if self.FWD_KERNEL is None else self.FWD_KERNEL) and self.out_features > 1
+            return fn.apply(x, self.weight, self.bias, kernel, fwd_kernel)
+        y = _narrow_product(x, self.weight)
         return y if self.bias is None else y + self.bias.float()
 
 

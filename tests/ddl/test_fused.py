@@ -813,7 +813,7 @@ def test_folded_model_step_matches_unfused(impl, monkeypatch, kw):
 
 
 def test_benchmark_variant_switches_flip_the_code_path_and_restore_it(monkeypatch):
-    """bench/throughput.py's ':gemv', ':fold' and ':nofold' suffixes: the switch holds inside the block only."""
+    """bench/throughput.py's suffixes, alone and joined by '+': the switch holds inside the block only."""
     import sys
     from pathlib import Path
 
@@ -837,6 +837,14 @@ def test_benchmark_variant_switches_flip_the_code_path_and_restore_it(monkeypatc
     with throughput.switched("ddl_dv4_fused:vmm"):
         assert layers.NarrowLinear.MM_FORWARD is True
     assert layers.NarrowLinear.MM_FORWARD is False
+    with throughput.switched("ddl_dv4_fused:wgk+fk"):
+        assert layers.NarrowLinear.WGRAD_KERNEL is None and layers.NarrowLinear.FWD_KERNEL is None
+    assert layers.NarrowLinear.WGRAD_KERNEL is False and layers.NarrowLinear.FWD_KERNEL is False
+    with throughput.switched("ddl_dv4_fused:vmm+nofold"):  # suffixes joined by '+' flip both paths
+        assert layers.NarrowLinear.MM_FORWARD is True and fused.FOLD_READOUT is False
+    assert layers.NarrowLinear.MM_FORWARD is False and fused.FOLD_READOUT is None
+    with pytest.raises(SystemExit, match="unknown variant 'ddl_dv4_fused:vmm\\+fast'"):
+        throughput.config_of("ddl_dv4_fused:vmm+fast")
     assert layers.NarrowLinear.forward is not torch.nn.Linear.forward
     with pytest.raises(SystemExit, match="unknown variant 'ddl_dv4_fused:fast'"):
         throughput.config_of("ddl_dv4_fused:fast")
@@ -1037,3 +1045,183 @@ def test_expansion_kernel_benchmark_runs_under_the_interpreter(tmp_path):
     assert {r["kernel"] for r in rows} == {"fwd", "bwd"} and len(rows) >= 16
     assert all(r["us"] > 0 and r["mb"] > 0 and r["rel_err"] < 1e-5 for r in rows)
     assert "TB/s" in res.stdout
+
+
+# -- a narrow head's weight and bias gradients (NarrowLinear, d_v > 1) ---------------------------------------------
+@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.kernels)])
+def wgrad_impl(request, monkeypatch):
+    """Which implementation ``deltascope::narrow_weight_grad`` runs on CPU tensors."""
+    if request.param == "torch":
+        monkeypatch.setattr(fused, "_on_triton", lambda t: False)
+    elif not INTERPRET:
+        pytest.skip("the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1 (its interpreter)")
+    return request.param
+
+
+@pytest.mark.parametrize(("N", "n", "o"), [(300, 100, 4), (37, 768, 1), (513, 130, 3), (64, 16, 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_narrow_weight_grad_matches_float64(wgrad_impl, N, n, o, dtype):
+    """g^T x and sum_t g_t against float64, over token chunks and column blocks that end part-way (masked). g is
+    drawn in x's dtype, so rounding it for the product (as autocast's Linear does) loses nothing and the only
+    error left is the fp32 sums'."""
+    torch.manual_seed(N + n + o)
+    g = torch.randn(2, N, o).to(dtype).float()
+    x = torch.randn(2, N, n).to(dtype)
+    gw, gb = fused.narrow_weight_grad(g, x)
+    assert gw.shape == (o, n) and gb.shape == (o,) and gw.dtype == gb.dtype == torch.float32
+    want_w = g.reshape(-1, o).double().t() @ x.reshape(-1, n).double()
+    torch.testing.assert_close(gw.double(), want_w, rtol=0, atol=1e-5 * want_w.abs().max().item())
+    torch.testing.assert_close(gb.double(), g.double().sum((0, 1)), rtol=0, atol=1e-5 * N)
+
+
+@pytest.mark.kernels
+@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("launch", [(64, 32, 64, 4), (32, 32, 32, 2), (128, 16, 128, 4)])
+def test_narrow_weight_grad_launches_agree(launch):
+    """Every launch shape gives the default's gradients (chunks and column blocks that end part-way, a ragged last
+    chunk); a chunk that is not a whole number of steps is refused."""
+    from ddl import _fused_kernels
+
+    torch.manual_seed(1)
+    g, x = torch.randn(211, 4).to(torch.bfloat16).float(), torch.randn(211, 100).to(torch.bfloat16)
+    want = _fused_kernels.narrow_weight_grad(g, x)
+    torch.testing.assert_close(_fused_kernels.narrow_weight_grad(g, x, launch), want, rtol=1e-6, atol=1e-4)
+    with pytest.raises(ValueError, match="multiple of a step"):
+        _fused_kernels.narrow_weight_grad(g, x, (48, 32, 64, 4))
+
+
+def test_narrow_weight_grad_takes_fp32_inputs_in_pytorch(monkeypatch):
+    """An fp32 x (no autocast) never reaches the kernel, whose product is in x's dtype on the tensor cores: the op's
+    PyTorch formulas give the fp32 gradients."""
+    monkeypatch.setattr(fused, "_on_triton", lambda t: pytest.fail("an fp32 x went to the kernel"))
+    g, x = torch.randn(50, 4), torch.randn(50, 24)
+    gw, gb = fused.narrow_weight_grad(g, x)
+    torch.testing.assert_close(gw, g.t() @ x)
+    torch.testing.assert_close(gb, g.sum(0))
+
+
+def test_narrow_weight_grad_opcheck(wgrad_impl):
+    """opcheck's checks for the op on CPU: schema, fake tensor, autograd registration (none: it is a gradient)."""
+    g, x = torch.randn(40, 4), torch.randn(40, 24).to(torch.bfloat16)
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.deltascope.narrow_weight_grad.default, (g, x), test_utils=tests)
+
+
+@pytest.mark.parametrize("out", [1, 4])
+def test_narrow_linear_kernel_grads_equal_linear(wgrad_impl, monkeypatch, out):
+    """Compiled (aot_eager), a NarrowLinear with matmul gradients and ``WGRAD_KERNEL`` takes its weight's and bias's
+    gradients from the op, and with ``FWD_KERNEL`` (more than one output) its product, equal to nn.Linear's under
+    bf16 autocast within its rounding; without them, cuBLAS, autograd's sum and inductor's reduction as before."""
+    from ddl import layers
+
+    torch.manual_seed(0)
+    ref, nl = torch.nn.Linear(48, out), layers.NarrowLinear(48, out)
+    nl.mm_grad = True
+    nl.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 40, 48).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = torch.autograd.grad(ref(x).float().square().sum(), (ref.weight, ref.bias))
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(codes):  # an aot_eager whose backward graph's code is kept
+        return lambda gm, _: codes.append(gm.code) or make_boxed_func(gm.forward)
+
+    for kernel in (True, False):
+        monkeypatch.setattr(layers.NarrowLinear, "WGRAD_KERNEL", kernel)
+        monkeypatch.setattr(layers.NarrowLinear, "FWD_KERNEL", kernel)
+        forward, backward = [], []
+        backend = aot_autograd(fw_compiler=keep(forward), bw_compiler=keep(backward))
+        y = torch.compile(nl, backend=backend, fullgraph=True)(x)
+        got = torch.autograd.grad(y.square().sum(), (nl.weight, nl.bias))
+        torch._dynamo.reset()
+        # the op, or where triton imports (a triton_op, traced through) its PyTorch formulas, which join gW and gb
+        assert ("deltascope.narrow_weight_grad" in backward[0] or "aten.cat" in backward[0]) is kernel
+        # the forward's op for more than one output only (its formulas: a matmul where the reduction has none)
+        assert ("deltascope.narrow_product" in forward[0] or "aten.mm" in forward[0]) is (kernel and out > 1)
+        torch.testing.assert_close(y, ref(x.float()), atol=2e-2 * y.abs().max().item(), rtol=0)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=2e-2 * w.abs().max().item(), rtol=0)
+
+
+@pytest.mark.gpu
+@cuda_kernels
+@pytest.mark.parametrize("out", [1, 4])
+def test_cuda_narrow_linear_kernel_grads(monkeypatch, out):
+    """On CUDA, compiled by inductor: the head's weight and bias gradients come from ``_narrow_wgrad_kernel`` and,
+    for more than one output, its product from ``_narrow_fwd_kernel`` (one launch each), equal to the cuBLAS and
+    reduction path's within bf16's rounding of g and W."""
+    from torch._inductor.utils import run_and_get_code
+
+    from ddl import layers
+
+    torch.manual_seed(0)
+    nl = layers.NarrowLinear(768, out).cuda()
+    nl.mm_grad = True
+    x = torch.randn(8, 1024, 768, device="cuda", dtype=torch.bfloat16)
+    got = {}
+    for kernel in (None, False):
+        monkeypatch.setattr(layers.NarrowLinear, "WGRAD_KERNEL", kernel)
+        monkeypatch.setattr(layers.NarrowLinear, "FWD_KERNEL", kernel)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = torch.compile(nl, fullgraph=True)(x)
+            return (y, *torch.autograd.grad(y.square().sum(), (nl.weight, nl.bias)))
+
+        got[kernel], codes = run_and_get_code(step)
+        torch._dynamo.reset()
+        code = "\n".join(codes)
+        assert len(re.findall(r"\b_narrow_wgrad_kernel\w*\.run\(", code)) == (1 if kernel is None else 0)
+        assert len(re.findall(r"\b_narrow_fwd_kernel\w*\.run\(", code)) == (1 if kernel is None and out > 1 else 0)
+    for a, b in zip(got[None], got[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-2 * b.abs().max().item())
+
+
+@pytest.mark.kernels
+@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
+def test_narrow_wgrad_benchmark_runs_under_the_interpreter(tmp_path):
+    """bench/narrow_wgrad.py end to end on a tiny shape: the paths before the kernels and every launch of them run,
+    agree within bf16's rounding and are recorded."""
+    res, rows = run_bench(tmp_path, "narrow_wgrad.py", "--tokens", "96", "--d", "40")
+    seen = {(r["outputs"], r["part"], r["path"]) for r in rows}
+    assert seen == {(1, "wgrad", "cublas"), (1, "wgrad", "kernel"), (4, "wgrad", "cublas"), (4, "wgrad", "kernel"),
+                    (4, "fwd", "inductor"), (4, "fwd", "kernel")}
+    assert len(rows) == 2 * 10 + 8  # per head: the path before and nine launches; the value head's product: 1 + 7
+    assert all(r["us"] > 0 and r["mb"] > 0 and r["rel_err"] < 2e-2 for r in rows)
+    assert "TB/s" in res.stdout
+
+
+@pytest.mark.parametrize(("N", "n", "o", "bias"), [(300, 100, 4, True), (37, 768, 1, False), (513, 130, 3, True)])
+def test_narrow_product_matches_float64(wgrad_impl, N, n, o, bias):
+    """x W^T + b against float64 over token blocks and column steps that end part-way. W is drawn in x's dtype, so
+    rounding it for the product (as autocast's Linear does) loses nothing and only the fp32 sums err."""
+    torch.manual_seed(N + o)
+    x = torch.randn(2, N, n).to(torch.bfloat16)
+    w = torch.randn(o, n).to(torch.bfloat16).float()
+    b = torch.randn(o) if bias else None
+    y = fused.narrow_product(x, w, b)
+    want = x.double() @ w.double().t() + (b.double() if bias else 0)
+    assert y.shape == (2, N, o) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.kernels
+@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1")
+def test_narrow_product_launches_agree():
+    """Other launch shapes give the default's product."""
+    from ddl import _fused_kernels
+
+    torch.manual_seed(2)
+    x, w, b = torch.randn(211, 100).to(torch.bfloat16), torch.randn(4, 100), torch.randn(4)
+    want = _fused_kernels.narrow_product(x, w, b)
+    for launch in ((32, 64, 2), (128, 32, 4), (16, 128, 4)):
+        torch.testing.assert_close(_fused_kernels.narrow_product(x, w, b, launch), want, rtol=1e-6, atol=1e-5)
+
+
+def test_narrow_product_opcheck(wgrad_impl):
+    """opcheck's checks for the op on CPU, with and without a bias."""
+    x, w = torch.randn(40, 24).to(torch.bfloat16), torch.randn(4, 24)
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    for b in (torch.randn(4), None):
+        torch.library.opcheck(torch.ops.deltascope.narrow_product.default, (x, w, b), test_utils=tests)

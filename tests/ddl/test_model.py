@@ -217,6 +217,33 @@ def test_narrow_linear_matmul_forward_equals_linear(monkeypatch, out):
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_narrow_linear_matmul_forward_keeps_fp32_logits_on_cuda(monkeypatch):
+    """On CUDA under bf16 autocast, ``MM_FORWARD``'s matmul (cuBLAS, ``out_dtype=float32``) gives the value head's
+    fp32 output to within the reduction's own error, compiled by inductor, not rounded to bf16 on the way."""
+    from ddl import layers
+
+    torch.manual_seed(0)
+    nl = layers.NarrowLinear(768, 4).cuda()
+    nl.mm_grad = True
+    x = torch.randn(4, 256, 768, device="cuda", dtype=torch.bfloat16)
+    got = {}
+    for mm_forward in (False, True):
+        monkeypatch.setattr(layers.NarrowLinear, "MM_FORWARD", mm_forward)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = torch.compile(nl, fullgraph=True)(xg)
+        got[mm_forward] = (y, *torch.autograd.grad(y.square().sum(), (xg, nl.weight)))
+        torch._dynamo.reset()
+    want = (x.double() @ nl.weight.to(torch.bfloat16).double().t()) + nl.bias.double()
+    assert got[True][0].dtype == torch.float32
+    err = (got[True][0].double() - want).abs().max().item()
+    assert err < 1e-4, err  # bf16-rounded logits (|y| ~ 1) would be off by up to 4e-3
+    for a, b in zip(got[True], got[False], strict=True):  # the weight's reduction rounds it to bf16, the matmul not
+        torch.testing.assert_close(a, b, atol=1e-2 * b.abs().max().item(), rtol=0)
+
+
 def test_heads_take_matmul_weight_grads_at_dv_above_one():
     """The gate's and value head's weight gradients are matmuls in d_v > 1 models only (faster there, slower at
     d_v = 1 on an H100); the bench's override beats each layer's choice."""
