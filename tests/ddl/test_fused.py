@@ -44,9 +44,9 @@ TOL_INTERPRETED = {**TOL, torch.bfloat16: 2**-6}
 
 @pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.kernels)])
 def impl(request, monkeypatch):
-    """Which implementation the op runs on CPU tensors."""
+    """Which implementation the ops run on CPU tensors: "torch" denies every op the device check they all reach."""
     if request.param == "torch":
-        monkeypatch.setattr(fused, "_use_triton", lambda t: False)
+        monkeypatch.setattr(fused, "_on_triton", lambda t: False)
     elif not INTERPRET:
         pytest.skip("the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1 (its interpreter)")
     return request.param
@@ -1048,19 +1048,9 @@ def test_expansion_kernel_benchmark_runs_under_the_interpreter(tmp_path):
 
 
 # -- a narrow head's weight and bias gradients (NarrowLinear, d_v > 1) ---------------------------------------------
-@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.kernels)])
-def wgrad_impl(request, monkeypatch):
-    """Which implementation ``deltascope::narrow_weight_grad`` runs on CPU tensors."""
-    if request.param == "torch":
-        monkeypatch.setattr(fused, "_on_triton", lambda t: False)
-    elif not INTERPRET:
-        pytest.skip("the Triton kernels on CPU need triton importable and TRITON_INTERPRET=1 (its interpreter)")
-    return request.param
-
-
 @pytest.mark.parametrize(("N", "n", "o"), [(300, 100, 4), (37, 768, 1), (513, 130, 3), (64, 16, 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_narrow_weight_grad_matches_float64(wgrad_impl, N, n, o, dtype):
+def test_narrow_weight_grad_matches_float64(impl, N, n, o, dtype):
     """g^T x and sum_t g_t against float64, over token chunks and column blocks that end part-way (masked). g is
     drawn in x's dtype, so rounding it for the product (as autocast's Linear does) loses nothing and the only
     error left is the fp32 sums'."""
@@ -1100,7 +1090,7 @@ def test_narrow_weight_grad_takes_fp32_inputs_in_pytorch(monkeypatch):
     torch.testing.assert_close(gb, g.sum(0))
 
 
-def test_narrow_weight_grad_opcheck(wgrad_impl):
+def test_narrow_weight_grad_opcheck(impl):
     """opcheck's checks for the op on CPU: schema, fake tensor, autograd registration (none: it is a gradient)."""
     g, x = torch.randn(40, 4), torch.randn(40, 24).to(torch.bfloat16)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
@@ -1108,7 +1098,7 @@ def test_narrow_weight_grad_opcheck(wgrad_impl):
 
 
 @pytest.mark.parametrize("out", [1, 4])
-def test_narrow_linear_kernel_grads_equal_linear(wgrad_impl, monkeypatch, out):
+def test_narrow_linear_kernel_grads_equal_linear(impl, monkeypatch, out):
     """Compiled (aot_eager), a NarrowLinear with matmul gradients and ``WGRAD_KERNEL`` takes its weight's and bias's
     gradients from the op, and with ``FWD_KERNEL`` (more than one output) its product, equal to nn.Linear's under
     bf16 autocast within its rounding; without them, cuBLAS, autograd's sum and inductor's reduction as before."""
@@ -1193,7 +1183,7 @@ def test_narrow_wgrad_benchmark_runs_under_the_interpreter(tmp_path):
 
 
 @pytest.mark.parametrize(("N", "n", "o", "bias"), [(300, 100, 4, True), (37, 768, 1, False), (513, 130, 3, True)])
-def test_narrow_product_matches_float64(wgrad_impl, N, n, o, bias):
+def test_narrow_product_matches_float64(impl, N, n, o, bias):
     """x W^T + b against float64 over token blocks and column steps that end part-way. W is drawn in x's dtype, so
     rounding it for the product (as autocast's Linear does) loses nothing and only the fp32 sums err."""
     torch.manual_seed(N + o)
@@ -1219,7 +1209,7 @@ def test_narrow_product_launches_agree():
         torch.testing.assert_close(_fused_kernels.narrow_product(x, w, b, launch), want, rtol=1e-6, atol=1e-5)
 
 
-def test_narrow_product_opcheck(wgrad_impl):
+def test_narrow_product_opcheck(impl):
     """opcheck's checks for the op on CPU, with and without a bias."""
     x, w = torch.randn(40, 24).to(torch.bfloat16), torch.randn(4, 24)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
